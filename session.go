@@ -1,0 +1,222 @@
+package presence
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+)
+
+// Session is one connected device of a user: what Login returns. The host
+// keeps it beside the connection, calls Heartbeat as the client's heartbeats
+// arrive and Disconnect when the link drops, and reads the events meant for
+// that connection from its mailbox with Ready and Drain (or Next).
+//
+// The mailbox holds at most one pending event per user it is about: a newer
+// event replaces an older one (presence is state; the latest wins). It holds
+// at most Config.FeedSize users; past that the oldest pending entry is
+// dropped and counted in Lost. The engine never waits for a reader.
+//
+// A Session ends when its device disconnects, times out, logs out, is kicked,
+// logs in again elsewhere (a new Session replaces it) or the engine closes:
+// Done is then closed and Heartbeat, Disconnect and Logout return
+// ErrSessionEnded. Events still pending when it ends can be drained.
+//
+// All methods are safe for concurrent use.
+type Session struct {
+	e    *Engine
+	u    *user
+	dev  *device // the device this session belongs to; dev.session == this while live
+	done chan struct{}
+
+	ready  chan struct{} // one token when the mailbox goes from empty to pending
+	ended  atomic.Bool
+	reason atomic.Uint32 // Reason the session ended, set before done is closed
+	lost   atomic.Uint64
+
+	mu  sync.Mutex        // protects box
+	box fifo[string, Event] // pending events keyed by the user they are about, oldest first
+}
+
+func newSession(e *Engine, u *user, d *device) *Session {
+	return &Session{e: e, u: u, dev: d, done: make(chan struct{}), ready: make(chan struct{}, 1)}
+}
+
+// UserID returns the user the session belongs to.
+func (s *Session) UserID() string { return s.u.id }
+
+// DeviceID returns the device the session belongs to.
+func (s *Session) DeviceID() string { return s.dev.id }
+
+// Ready returns a channel that receives a value when events become pending.
+// A receive may find the mailbox already drained (a spurious wake-up is
+// harmless); after a receive, Drain until it returns nothing new. Ready
+// never blocks the engine.
+func (s *Session) Ready() <-chan struct{} { return s.ready }
+
+// Done returns a channel that is closed when the session has ended.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// EndReason returns why the session ended: ReasonLinkClose, ReasonTimeout,
+// ReasonLogout, ReasonKicked, ReasonLogin (replaced by a new login of the
+// same device), or 0 while it is live and when the engine closed it.
+func (s *Session) EndReason() Reason { return Reason(s.reason.Load()) }
+
+// Lost returns how many pending events this session's mailbox has dropped
+// because it was full.
+func (s *Session) Lost() uint64 { return s.lost.Load() }
+
+// Drain appends every pending event to dst, oldest first, empties the
+// mailbox and returns the extended slice. It never blocks.
+func (s *Session) Drain(dst []Event) []Event {
+	s.mu.Lock()
+	s.box.each(func(_ string, ev Event) bool {
+		dst = append(dst, ev)
+		return true
+	})
+	s.box.reset()
+	s.mu.Unlock()
+	return dst
+}
+
+// Next returns the oldest pending event, waiting for one if none is pending.
+// It returns ErrSessionEnded once the session has ended and nothing is left
+// to read, and ctx.Err() if ctx ends first.
+func (s *Session) Next(ctx context.Context) (Event, error) {
+	for {
+		if ev, ok := s.pop(); ok {
+			return ev, nil
+		}
+		select {
+		case <-s.ready:
+		case <-s.done:
+			if ev, ok := s.pop(); ok {
+				return ev, nil
+			}
+			return Event{}, newError(ErrSessionEnded, "Next", "session of "+s.u.id+"/"+s.dev.id+" has ended")
+		case <-ctx.Done():
+			return Event{}, ctx.Err()
+		}
+	}
+}
+
+func (s *Session) pop() (Event, bool) {
+	s.mu.Lock()
+	_, ev, ok := s.box.popOldest()
+	s.mu.Unlock()
+	return ev, ok
+}
+
+// push puts ev in the mailbox, replacing a pending event about the same user,
+// evicting the oldest entry past FeedSize, and wakes the reader if the
+// mailbox was empty.
+func (s *Session) push(ev *Event, t *tally) {
+	if s.ended.Load() {
+		return
+	}
+	s.mu.Lock()
+	if prev, ok := s.box.get(ev.UserID); ok && prev.Version > ev.Version {
+		s.mu.Unlock() // never let a reader see a user's version go backwards
+		return
+	}
+	wasEmpty := s.box.len() == 0
+	if s.box.put(ev.UserID, *ev) {
+		t.coalesced++
+	} else if s.box.len() > s.e.cfg.FeedSize {
+		s.box.popOldest()
+		s.lost.Add(1)
+		t.lost++
+	}
+	s.mu.Unlock()
+	t.delivered++
+	if wasEmpty {
+		select {
+		case s.ready <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// end marks the session ended and closes Done. The caller took the session
+// away from its device under the shard lock, which makes this happen once.
+func (s *Session) end(why Reason) {
+	s.reason.Store(uint32(why))
+	s.ended.Store(true)
+	close(s.done)
+}
+
+// Heartbeat records that the device is alive, pushing its heartbeat timeout
+// Config.HeartbeatTimeout into the future. It returns ErrSessionEnded once
+// the session has ended: the host then logs the device in again.
+func (s *Session) Heartbeat() error {
+	const op = "Heartbeat"
+	e := s.e
+	if e.closed.Load() {
+		return closedError(op)
+	}
+	now := e.now()
+	sh := e.shardFor(s.u.id)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.dev.session != s {
+		return s.endedError(op)
+	}
+	s.dev.lastSeen = now.UnixNano()
+	return nil
+}
+
+// Disconnect reports that the connection was lost without a logout. The
+// session ends; the device stays logged in, offline, until it logs in again,
+// logs out, is kicked or expires. If this leaves the user with no device
+// online, the user becomes Offline (ReasonLinkClose), after
+// Config.DisconnectGrace if one is set.
+func (s *Session) Disconnect() error {
+	const op = "Disconnect"
+	e := s.e
+	if e.closed.Load() {
+		return closedError(op)
+	}
+	now := e.now()
+	sh := e.shardFor(s.u.id)
+	sh.mu.Lock()
+	if s.dev.session != s {
+		sh.mu.Unlock()
+		return s.endedError(op)
+	}
+	u, d := s.u, s.dev
+	c := beginChange(u)
+	c.endSession(sh, d, ReasonLinkClose)
+	d.lastSeen = now.UnixNano()
+	u.publishSessionsLocked()
+	if e.cfg.DisconnectGrace > 0 && u.deriveStatus() != Online {
+		// Hold the change back: a login of this device within the grace
+		// cancels it and nobody hears of the disconnect.
+		d.graceUntil = now.Add(e.cfg.DisconnectGrace).UnixNano()
+	} else {
+		sh.settleLocked(&c, now, ReasonLinkClose, d.id)
+	}
+	e.scheduleLocked(u)
+	e.finish(sh, &c)
+	return nil
+}
+
+// Logout logs the session's device out (ReasonLogout) and ends the session.
+func (s *Session) Logout() error {
+	const op = "Session.Logout"
+	e := s.e
+	if e.closed.Load() {
+		return closedError(op)
+	}
+	sh := e.shardFor(s.u.id)
+	sh.mu.Lock()
+	if s.dev.session != s {
+		sh.mu.Unlock()
+		return s.endedError(op)
+	}
+	i, _ := s.u.device(s.dev.id)
+	e.logoutLocked(sh, s.u, i, e.now())
+	return nil
+}
+
+func (s *Session) endedError(op string) error {
+	return newError(ErrSessionEnded, op, "session of "+s.u.id+"/"+s.dev.id+" has ended")
+}

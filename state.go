@@ -1,0 +1,413 @@
+package presence
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// shard holds the user records whose IDs hash to it.
+type shard struct {
+	mu      sync.Mutex       // protects users, version, the counters below and every record in users
+	users   map[string]*user // user ID -> record
+	version uint64           // last version handed out here; records take theirs from it
+
+	// Counters for Stats, kept as records change so Stats never scans.
+	loggedIn, online, sessions, subscriptions, friendships int
+
+	// edgeMu serializes changes to the outgoing edges (subscription lists and
+	// friend lists) of this shard's users. Such a change touches records in
+	// other shards one lock at a time; holding edgeMu throughout keeps two of
+	// them on the same user from interleaving. It is taken before mu and
+	// never while any shard's mu is held.
+	edgeMu sync.Mutex
+
+	_ [64]byte // keep neighbouring shards' locks off one cache line
+}
+
+// user is everything the engine knows of one user ID. The record is dropped
+// when it holds nothing (see emptyLocked); versions come from the shard's
+// counter, so a record made again later still moves forward.
+type user struct {
+	id        string
+	custom    string
+	version   uint64
+	status    Status
+	devices   []*device // logged-in devices, oldest login first
+	idleSince int64     // unix ns: when the user last left Online, or last subscribed while not Online
+	timerAt   int64     // wheel slot of this record's earliest pending entry, 0 if none
+	pins      int32     // edge changes in progress that hold a pointer to this record
+
+	subs    *fifo[*user, struct{}] // users this user subscribes to, oldest first; nil when none
+	friends map[*user]struct{}     // users this user is notified about as friends; nil when none
+
+	// sessions lists the connected sessions. It is replaced, never changed in
+	// place, so a delivery reads it without the shard lock.
+	sessions atomic.Pointer[[]*Session]
+
+	// fanMu is taken under the shard lock when a change of this user is
+	// applied and released once that change has been delivered, after the
+	// shard lock: deliveries of one user's changes happen one at a time in
+	// version order while the shard stays free. It also protects subscribers
+	// and friendOf for the delivery, which reads them without the shard lock;
+	// they are written with both locks held.
+	fanMu       sync.Mutex
+	subscribers map[*user]struct{} // users subscribed to this user
+	friendOf    map[*user]struct{} // users that list this user as a friend
+}
+
+// device is one logged-in device of a user.
+type device struct {
+	id         string
+	session    *Session // nil while disconnected
+	loginAt    int64    // unix ns of the latest login
+	lastSeen   int64    // unix ns of the latest login, heartbeat or disconnect
+	graceUntil int64    // unix ns: while nonzero, a disconnect whose status change is held back
+}
+
+// online reports whether the device keeps its user Online.
+func (d *device) online() bool { return d.session != nil || d.graceUntil != 0 }
+
+// deriveStatus computes the general status from the devices.
+func (u *user) deriveStatus() Status {
+	if len(u.devices) == 0 {
+		return Unlogined
+	}
+	for _, d := range u.devices {
+		if d.online() {
+			return Online
+		}
+	}
+	return Offline
+}
+
+func (u *user) device(id string) (int, *device) {
+	for i, d := range u.devices {
+		if d.id == id {
+			return i, d
+		}
+	}
+	return -1, nil
+}
+
+// emptyLocked reports whether the record holds nothing worth keeping.
+func (u *user) emptyLocked() bool {
+	return len(u.devices) == 0 && u.custom == "" && u.pins == 0 &&
+		(u.subs == nil || u.subs.len() == 0) && len(u.friends) == 0 &&
+		len(u.subscribers) == 0 && len(u.friendOf) == 0
+}
+
+// view returns the user's state as a reader sees it, without device detail.
+func (u *user) view() UserStatus {
+	return UserStatus{UserID: u.id, Status: u.status, Custom: u.custom, Version: u.version}
+}
+
+// onlineDevices lists the IDs of the devices keeping the user Online.
+func (u *user) onlineDevices() []string {
+	var ids []string
+	for _, d := range u.devices {
+		if d.online() {
+			ids = append(ids, d.id)
+		}
+	}
+	return ids
+}
+
+// publishSessionsLocked replaces the list of connected sessions after a
+// device gained or lost its session.
+func (u *user) publishSessionsLocked() {
+	var ss []*Session
+	for _, d := range u.devices {
+		if d.session != nil {
+			ss = append(ss, d.session)
+		}
+	}
+	if len(ss) == 0 {
+		u.sessions.Store(nil)
+		return
+	}
+	u.sessions.Store(&ss)
+}
+
+func (sh *shard) getLocked(id string) *user { return sh.users[id] }
+
+// getOrCreateLocked returns the record for id, making an empty one if needed.
+// The caller must leave it non-empty or call dropIfEmptyLocked.
+func (sh *shard) getOrCreateLocked(id string) *user {
+	if u := sh.users[id]; u != nil {
+		return u
+	}
+	// Clone: the caller's string may be a slice of a larger buffer, and the
+	// record's copy is the one every index points at.
+	u := &user{id: cloneString(id), status: Unlogined, version: sh.version}
+	sh.users[u.id] = u
+	return u
+}
+
+// dropIfEmptyLocked deletes u's record if it holds nothing. A delivery of u's
+// last change may still be under way: fanMu is then held, and the record
+// stays until that delivery's own check. Every fanMu holder took it under
+// this shard's lock, so TryLock succeeding here means none is in flight.
+func (sh *shard) dropIfEmptyLocked(u *user) {
+	if !u.emptyLocked() || sh.users[u.id] != u {
+		return
+	}
+	if u.fanMu.TryLock() {
+		delete(sh.users, u.id)
+		u.fanMu.Unlock()
+	}
+}
+
+// countStatus moves the per-shard status counters from one status to another.
+func (sh *shard) countStatus(from, to Status) {
+	if from == to {
+		return
+	}
+	if from == Online {
+		sh.online--
+	}
+	if to == Online {
+		sh.online++
+	}
+	if from == Unlogined {
+		sh.loggedIn++
+	}
+	if to == Unlogined {
+		sh.loggedIn--
+	}
+}
+
+// change is one applied state change on its way out: built under the shard
+// lock, delivered by Engine.finish after it. Every state change of a user's
+// status, custom text or devices passes through it; the change feed (and the
+// store and replication later) attach at finish.
+type change struct {
+	u          *user
+	prevStatus Status
+	prevCustom string
+
+	record Change // the feed record; Reason 0 means nothing to record
+	notify bool   // status or custom text changed: deliver event
+	event  Event
+
+	ended     []*Session // sessions to end once the locks are released
+	endBuf    [2]*Session
+	endReason []Reason
+	reasonBuf [2]Reason
+	mayDrop   bool // the record may be empty after this change
+}
+
+// begin starts a change of u; call it before changing anything.
+func beginChange(u *user) change {
+	return change{u: u, prevStatus: u.status, prevCustom: u.custom}
+}
+
+// endSession takes the device's session away and notes it for ending.
+func (c *change) endSession(sh *shard, d *device, why Reason) {
+	if d.session == nil {
+		return
+	}
+	if c.ended == nil {
+		c.ended, c.endReason = c.endBuf[:0], c.reasonBuf[:0]
+	}
+	c.ended = append(c.ended, d.session)
+	c.endReason = append(c.endReason, why)
+	d.session = nil
+	sh.sessions--
+}
+
+// settleLocked derives the user's status after the change, clears the custom
+// text when the user is no longer Online (in the same step), bumps the
+// version when anything visible moved, and fills in the feed record.
+func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID string) {
+	u := c.u
+	st := u.deriveStatus()
+	if st != Online {
+		u.custom = ""
+	}
+	if st != c.prevStatus {
+		sh.countStatus(c.prevStatus, st)
+		u.status = st
+		if c.prevStatus == Online {
+			u.idleSince = now.UnixNano()
+		}
+	}
+	c.notify = st != c.prevStatus || u.custom != c.prevCustom
+	if c.notify {
+		sh.version++
+		u.version = sh.version
+		c.event = Event{UserStatus: u.view(), Reason: why}
+	}
+	c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom}
+	c.mayDrop = u.emptyLocked()
+}
+
+// finish completes a change begun under sh.mu, which it releases: the
+// user's delivery lock is taken before the shard lock is let go, so this
+// user's changes are delivered in the order they were applied, and the
+// delivery itself runs with no shard lock held.
+func (e *Engine) finish(sh *shard, c *change) {
+	u := c.u
+	u.fanMu.Lock()
+	sh.mu.Unlock()
+	if c.notify {
+		e.fanOut(u, &c.event)
+	}
+	if c.record.Reason != 0 {
+		e.publish(&c.record)
+	}
+	u.fanMu.Unlock()
+	for i, s := range c.ended {
+		s.end(c.endReason[i])
+	}
+	if c.mayDrop {
+		sh.mu.Lock()
+		sh.dropIfEmptyLocked(u)
+		sh.mu.Unlock()
+	}
+}
+
+// fanOut delivers ev, a change of u, to every connected session of u, of its
+// subscribers and, with NotifyFriends, of users that list u as a friend; each
+// session once. The caller holds u.fanMu and no shard lock.
+func (e *Engine) fanOut(u *user, ev *Event) {
+	var t tally
+	t.toUser(u, ev)
+	for w := range u.subscribers {
+		t.toUser(w, ev)
+	}
+	if e.cfg.NotifyFriends {
+		for w := range u.friendOf {
+			if _, dup := u.subscribers[w]; !dup {
+				t.toUser(w, ev)
+			}
+		}
+	}
+	e.addTally(&t)
+}
+
+// tally counts one delivery's outcomes so the engine-wide counters are
+// touched once per change rather than once per session.
+type tally struct{ delivered, coalesced, lost uint64 }
+
+func (t *tally) toUser(w *user, ev *Event) {
+	ss := w.sessions.Load()
+	if ss == nil {
+		return
+	}
+	for _, s := range *ss {
+		s.push(ev, t)
+	}
+}
+
+func (e *Engine) addTally(t *tally) {
+	if t.delivered != 0 {
+		e.delivered.Add(t.delivered)
+	}
+	if t.coalesced != 0 {
+		e.coalesced.Add(t.coalesced)
+	}
+	if t.lost != 0 {
+		e.lost.Add(t.lost)
+	}
+}
+
+// scheduleLocked makes sure the wheel will visit u by its next deadline.
+func (e *Engine) scheduleLocked(u *user) {
+	at := e.nextDeadline(u)
+	if at == 0 {
+		return
+	}
+	slot := e.wheel.slotFor(time.Unix(0, at))
+	if u.timerAt != 0 && !e.wheel.fired(u.timerAt) && u.timerAt <= slot {
+		return // the entry already there fires first and reschedules
+	}
+	u.timerAt = e.wheel.schedule(slot, u)
+}
+
+// nextDeadline returns the earliest moment (unix ns) something about u is
+// due to happen by itself, or 0 if nothing is.
+func (e *Engine) nextDeadline(u *user) int64 {
+	var at int64
+	earliest := func(t int64) {
+		if at == 0 || t < at {
+			at = t
+		}
+	}
+	for _, d := range u.devices {
+		switch {
+		case d.session != nil:
+			earliest(d.lastSeen + int64(e.cfg.HeartbeatTimeout))
+		case d.graceUntil != 0:
+			earliest(d.graceUntil)
+		default:
+			earliest(d.lastSeen + int64(e.cfg.SessionExpiry))
+		}
+	}
+	if u.subs != nil && u.subs.len() > 0 && u.status != Online {
+		earliest(u.idleSince + int64(e.cfg.SubscriptionTTL))
+	}
+	return at
+}
+
+// expire is called by the wheel: it applies, one change at a time, whatever
+// is due for u, then clears u's subscriptions if they have outlived the TTL.
+func (u *user) expire(e *Engine, now time.Time) {
+	sh := e.shardFor(u.id)
+	for {
+		sh.mu.Lock()
+		if sh.users[u.id] != u || e.closed.Load() {
+			sh.mu.Unlock()
+			return
+		}
+		c, ok := e.expireOneLocked(sh, u, now)
+		if !ok {
+			ttl := u.subs != nil && u.subs.len() > 0 && u.status != Online &&
+				now.UnixNano() >= u.idleSince+int64(e.cfg.SubscriptionTTL)
+			e.scheduleLocked(u)
+			sh.mu.Unlock()
+			if ttl {
+				e.clearIdleSubscriptions(u.id, now)
+			}
+			return
+		}
+		e.scheduleLocked(u)
+		e.finish(sh, &c)
+	}
+}
+
+// expireOneLocked applies the first due device deadline of u, if any.
+func (e *Engine) expireOneLocked(sh *shard, u *user, now time.Time) (change, bool) {
+	t := now.UnixNano()
+	for i, d := range u.devices {
+		switch {
+		case d.session != nil && t >= d.lastSeen+int64(e.cfg.HeartbeatTimeout):
+			c := beginChange(u)
+			c.endSession(sh, d, ReasonTimeout)
+			u.publishSessionsLocked()
+			sh.settleLocked(&c, now, ReasonTimeout, d.id)
+			return c, true
+		case d.session == nil && d.graceUntil != 0 && t >= d.graceUntil:
+			c := beginChange(u)
+			d.graceUntil = 0
+			sh.settleLocked(&c, now, ReasonLinkClose, d.id)
+			return c, true
+		case d.session == nil && d.graceUntil == 0 && t >= d.lastSeen+int64(e.cfg.SessionExpiry):
+			c := beginChange(u)
+			u.removeDevice(i)
+			sh.settleLocked(&c, now, ReasonExpired, d.id)
+			return c, true
+		}
+	}
+	return change{}, false
+}
+
+// removeDevice deletes the i-th device, keeping login order.
+func (u *user) removeDevice(i int) {
+	copy(u.devices[i:], u.devices[i+1:])
+	u.devices[len(u.devices)-1] = nil
+	u.devices = u.devices[:len(u.devices)-1]
+	if len(u.devices) == 0 {
+		u.devices = nil
+	}
+}

@@ -1,0 +1,245 @@
+package presence
+
+import (
+	"fmt"
+	"time"
+)
+
+// SubscribeUserStatus subscribes callerID to changes of userIDs and returns
+// the targets evicted to make room, oldest first.
+//
+// It needs Config.StatusQuery (else ErrFeatureDisabled) and spends one call
+// of the caller's SubscribeQuota (ErrRateLimited when spent). The list must
+// hold 1 to Config.MaxSubscribeIDs valid IDs, none the caller's own (else
+// ErrInvalidParam, and nothing changes). Duplicates count once. A target
+// already subscribed moves to the newest end. Past Config.MaxSubscriptions
+// the oldest targets are evicted, never an error. The current state of every
+// target in the call is delivered at once to the caller's connected sessions
+// (ReasonSubscribed), after which every change follows: there is no gap
+// between reading the state and listening. The caller needs no session.
+func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted []string, err error) {
+	const op = "SubscribeUserStatus"
+	if err := e.checkEdgeCall(op, callerID, userIDs, false); err != nil {
+		return nil, err
+	}
+	for _, id := range userIDs {
+		if id == callerID {
+			return nil, newError(ErrInvalidParam, op, fmt.Sprintf("user %q cannot subscribe to itself", callerID))
+		}
+	}
+	if e.closed.Load() {
+		return nil, closedError(op)
+	}
+	if err := e.meter(op, e.subscribe, callerID); err != nil {
+		return nil, err
+	}
+
+	now := e.now()
+	sh := e.shardFor(callerID)
+	sh.edgeMu.Lock()
+	defer sh.edgeMu.Unlock()
+	a := e.pin(sh, callerID)
+
+	// Reverse edges first, each with the target's state delivered under its
+	// delivery lock, so the initial state and the changes after it reach the
+	// caller in version order.
+	targets := make([]*user, len(userIDs))
+	seen := make(map[string]*user, len(userIDs))
+	var t tally
+	for i, id := range userIDs {
+		if tu, dup := seen[id]; dup {
+			targets[i] = tu
+			continue
+		}
+		tsh := e.shardFor(id)
+		tsh.mu.Lock()
+		tu := tsh.getOrCreateLocked(id)
+		tu.fanMu.Lock()
+		if tu.subscribers == nil {
+			tu.subscribers = make(map[*user]struct{})
+		}
+		tu.subscribers[a] = struct{}{}
+		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
+		tsh.mu.Unlock()
+		t.toUser(a, &ev)
+		tu.fanMu.Unlock()
+		seen[id], targets[i] = tu, tu
+	}
+	e.addTally(&t)
+
+	// Then the forward list, in call order, trimmed to the limit.
+	var gone []*user
+	sh.mu.Lock()
+	if a.subs == nil {
+		a.subs = &fifo[*user, struct{}]{}
+	}
+	before := a.subs.len()
+	for _, tu := range targets {
+		a.subs.put(tu, struct{}{})
+	}
+	for a.subs.len() > e.cfg.MaxSubscriptions {
+		old, _, _ := a.subs.popOldest()
+		gone = append(gone, old)
+	}
+	sh.subscriptions += a.subs.len() - before
+	if a.status != Online {
+		a.idleSince = now.UnixNano() // the TTL counts from the latest subscribe
+	}
+	a.pins--
+	e.scheduleLocked(a)
+	sh.mu.Unlock()
+
+	for _, old := range gone {
+		evicted = append(evicted, old.id)
+		e.unlinkSubscriber(old, a)
+	}
+	return evicted, nil
+}
+
+// UnsubscribeUserStatus removes userIDs from callerID's subscriptions; an
+// empty or nil list removes all of them. Targets not subscribed are ignored.
+// It needs Config.StatusQuery (else ErrFeatureDisabled), spends one call of
+// the caller's UnsubscribeQuota (ErrRateLimited when spent), and takes at
+// most Config.MaxSubscribeIDs valid IDs (else ErrInvalidParam).
+func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error {
+	const op = "UnsubscribeUserStatus"
+	if err := e.checkEdgeCall(op, callerID, userIDs, true); err != nil {
+		return err
+	}
+	if e.closed.Load() {
+		return closedError(op)
+	}
+	if err := e.meter(op, e.unsubscribe, callerID); err != nil {
+		return err
+	}
+	sh := e.shardFor(callerID)
+	sh.edgeMu.Lock()
+	defer sh.edgeMu.Unlock()
+	if len(userIDs) == 0 {
+		e.unsubscribeAll(sh, callerID, nil)
+		return nil
+	}
+	// Resolve the targets first: their records live in other shards.
+	targets := make([]*user, 0, len(userIDs))
+	for _, id := range userIDs {
+		tsh := e.shardFor(id)
+		tsh.mu.Lock()
+		if tu := tsh.getLocked(id); tu != nil {
+			targets = append(targets, tu)
+		}
+		tsh.mu.Unlock()
+	}
+	sh.mu.Lock()
+	a := sh.getLocked(callerID)
+	if a == nil || a.subs == nil {
+		sh.mu.Unlock()
+		return nil
+	}
+	removed := targets[:0]
+	for _, tu := range targets {
+		if a.subs.remove(tu) {
+			removed = append(removed, tu)
+		}
+	}
+	sh.subscriptions -= len(removed)
+	if a.subs.len() == 0 {
+		a.subs = nil
+	}
+	sh.dropIfEmptyLocked(a)
+	sh.mu.Unlock()
+	for _, tu := range removed {
+		e.unlinkSubscriber(tu, a)
+	}
+	return nil
+}
+
+// unsubscribeAll clears the subscription list of id. With idle set, it does
+// so only if the user is still idle past the TTL at that moment. The caller
+// holds sh.edgeMu.
+func (e *Engine) unsubscribeAll(sh *shard, id string, idle *time.Time) {
+	sh.mu.Lock()
+	a := sh.getLocked(id)
+	if a == nil || a.subs == nil ||
+		(idle != nil && (a.status == Online || idle.UnixNano() < a.idleSince+int64(e.cfg.SubscriptionTTL))) {
+		sh.mu.Unlock()
+		return
+	}
+	var targets []*user
+	a.subs.each(func(tu *user, _ struct{}) bool {
+		targets = append(targets, tu)
+		return true
+	})
+	sh.subscriptions -= len(targets)
+	a.subs = nil
+	sh.dropIfEmptyLocked(a)
+	sh.mu.Unlock()
+	for _, tu := range targets {
+		e.unlinkSubscriber(tu, a)
+	}
+}
+
+// clearIdleSubscriptions is the subscription TTL: it runs from the wheel
+// when id has not been Online for Config.SubscriptionTTL.
+func (e *Engine) clearIdleSubscriptions(id string, now time.Time) {
+	sh := e.shardFor(id)
+	sh.edgeMu.Lock()
+	defer sh.edgeMu.Unlock()
+	e.unsubscribeAll(sh, id, &now)
+}
+
+// Subscriptions returns userID's subscription targets, oldest first, or nil
+// if there are none, the ID is not valid or the engine is closed.
+func (e *Engine) Subscriptions(userID string) []string {
+	if e.closed.Load() || e.checkID("", "", userID) != nil {
+		return nil
+	}
+	sh := e.shardFor(userID)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	a := sh.getLocked(userID)
+	if a == nil || a.subs == nil {
+		return nil
+	}
+	ids := make([]string, 0, a.subs.len())
+	a.subs.each(func(tu *user, _ struct{}) bool {
+		ids = append(ids, tu.id)
+		return true
+	})
+	return ids
+}
+
+// checkEdgeCall validates the caller and the list of a subscription call.
+func (e *Engine) checkEdgeCall(op, callerID string, userIDs []string, emptyOK bool) error {
+	if err := e.checkID(op, "caller ID", callerID); err != nil {
+		return err
+	}
+	if emptyOK && len(userIDs) == 0 {
+		return nil
+	}
+	return e.checkIDs(op, userIDs, e.cfg.MaxSubscribeIDs)
+}
+
+// pin returns the record of id, made if needed, and keeps it from being
+// dropped until the caller decrements pins under sh.mu. The caller holds
+// sh.edgeMu.
+func (e *Engine) pin(sh *shard, id string) *user {
+	sh.mu.Lock()
+	a := sh.getOrCreateLocked(id)
+	a.pins++
+	sh.mu.Unlock()
+	return a
+}
+
+// unlinkSubscriber removes subscriber a from tu's reverse index.
+func (e *Engine) unlinkSubscriber(tu, a *user) {
+	tsh := e.shardFor(tu.id)
+	tsh.mu.Lock()
+	tu.fanMu.Lock()
+	delete(tu.subscribers, a)
+	if len(tu.subscribers) == 0 {
+		tu.subscribers = nil
+	}
+	tu.fanMu.Unlock()
+	tsh.dropIfEmptyLocked(tu)
+	tsh.mu.Unlock()
+}

@@ -1,0 +1,105 @@
+package presence
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// expirer is something with a deadline on the wheel: a user record (heartbeat
+// timeouts, disconnect grace, device expiry, subscription TTL) or a quota
+// bucket (reclaimed once idle). expire is called without any lock held, at or
+// after the deadline it was scheduled for; it re-checks its own state, because
+// the deadline may have moved since, and schedules itself again if need be.
+type expirer interface {
+	expire(e *Engine, now time.Time)
+}
+
+// wheel holds every pending deadline of the engine in one structure: slots of
+// one tick each, keyed by tick number since the engine started, in a map so
+// that only the ticks that have work take memory. Scheduling and firing cost
+// O(1) per entry, so the work grows with what expires, not with what exists.
+//
+// Entries are never cancelled: an owner whose deadline moves later leaves its
+// entry in place and re-checks when it fires. That keeps Heartbeat, the most
+// frequent call, away from the wheel altogether.
+type wheel struct {
+	base time.Time     // tick 0
+	tick time.Duration // slot width; every entry fires within one tick after its deadline
+
+	mu    sync.Mutex          // protects slots
+	slots map[int64][]expirer // tick number -> entries due by then
+	done  atomic.Int64        // last tick whose slot has been taken; written under mu
+}
+
+func newWheel(base time.Time, tick time.Duration) *wheel {
+	return &wheel{base: base, tick: tick, slots: make(map[int64][]expirer)}
+}
+
+// slotFor returns the first tick at or after t.
+func (w *wheel) slotFor(t time.Time) int64 {
+	d := t.Sub(w.base)
+	n := int64(d / w.tick)
+	if d%w.tick > 0 {
+		n++
+	}
+	return n
+}
+
+// schedule puts x on the wheel to fire at tick slot (see slotFor). It returns
+// the slot actually used, which is later than asked when that tick has
+// already been processed.
+func (w *wheel) schedule(slot int64, x expirer) int64 {
+	w.mu.Lock()
+	if done := w.done.Load(); slot <= done {
+		slot = done + 1
+	}
+	w.slots[slot] = append(w.slots[slot], x)
+	w.mu.Unlock()
+	return slot
+}
+
+// due removes and returns every entry whose tick has been reached at now,
+// appending to buf.
+func (w *wheel) due(now time.Time, buf []expirer) []expirer {
+	upto := int64(now.Sub(w.base) / w.tick)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	done := w.done.Load()
+	if upto-done > int64(len(w.slots)) {
+		// A long gap (a suspended process, say): visiting the occupied slots
+		// is cheaper than visiting every tick in between.
+		for k, xs := range w.slots {
+			if k <= upto {
+				buf = append(buf, xs...)
+				delete(w.slots, k)
+			}
+		}
+	} else {
+		for k := done + 1; k <= upto; k++ {
+			if xs, ok := w.slots[k]; ok {
+				buf = append(buf, xs...)
+				delete(w.slots, k)
+			}
+		}
+	}
+	if upto > done {
+		w.done.Store(upto)
+	}
+	return buf
+}
+
+// fired reports whether the entry scheduled at slot has been taken off the
+// wheel already, so that its owner must schedule a new one.
+func (w *wheel) fired(slot int64) bool { return slot <= w.done.Load() }
+
+// pending returns the number of entries on the wheel (for tests and stats).
+func (w *wheel) pending() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, xs := range w.slots {
+		n += len(xs)
+	}
+	return n
+}
