@@ -194,7 +194,7 @@ type change struct {
 	endBuf    [2]*Session
 	endReason []Reason
 	reasonBuf [2]Reason
-	mayDrop   bool // the record may be empty after this change
+	mayDrop   bool // the record may be empty once this change is delivered
 }
 
 // begin starts a change of u; call it before changing anything.
@@ -239,7 +239,10 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 		c.event = Event{UserStatus: u.view(), Reason: why}
 	}
 	c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom}
-	c.mayDrop = u.emptyLocked()
+	// Only a change that leaves no device can leave an empty record; any
+	// other record that empties meanwhile is caught by this change's check
+	// or by the check of whoever emptied it.
+	c.mayDrop = len(u.devices) == 0
 }
 
 // finish completes a change begun under sh.mu, which it releases: the

@@ -1,0 +1,149 @@
+package presence
+
+import (
+	"fmt"
+	"slices"
+	"time"
+)
+
+// checkInvariants verifies, on a quiescent engine, that the indexes and
+// counters agree with the records they summarize: reverse edges match
+// forward lists, cached statuses match their devices, shard counters match
+// a recount, limits hold, and every pending deadline is on the wheel. It
+// returns the first disagreement found.
+func (e *Engine) checkInvariants() error {
+	live := func(u *user) bool {
+		sh := e.shardFor(u.id)
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		return sh.users[u.id] == u
+	}
+	for i := range e.shards {
+		sh := &e.shards[i]
+		sh.mu.Lock()
+		var loggedIn, online, sessions, subs, friends int
+		var err error
+		var others []*user // records to check in other shards once this lock is released
+		for id, u := range sh.users {
+			if err = e.checkRecordLocked(sh, id, u); err != nil {
+				break
+			}
+			if u.status != Unlogined {
+				loggedIn++
+			}
+			if u.status == Online {
+				online++
+			}
+			for _, d := range u.devices {
+				if d.session != nil {
+					sessions++
+				}
+			}
+			if u.subs != nil {
+				subs += u.subs.len()
+				u.subs.each(func(t *user, _ struct{}) bool {
+					if _, ok := t.subscribers[u]; !ok {
+						err = fmt.Errorf("%s subscribes to %s but is not in its subscribers", u.id, t.id)
+					}
+					others = append(others, t)
+					return err == nil
+				})
+			}
+			friends += len(u.friends)
+			for f := range u.friends {
+				if _, ok := f.friendOf[u]; !ok {
+					err = fmt.Errorf("%s lists friend %s but is not in its friendOf", u.id, f.id)
+				}
+				others = append(others, f)
+			}
+			for w := range u.subscribers {
+				if w.subs == nil || !w.subs.has(u) {
+					err = fmt.Errorf("%s has subscriber %s whose list lacks it", u.id, w.id)
+				}
+				others = append(others, w)
+			}
+			for w := range u.friendOf {
+				if _, ok := w.friends[u]; !ok {
+					err = fmt.Errorf("%s is friend of %s whose list lacks it", u.id, w.id)
+				}
+				others = append(others, w)
+			}
+			if err != nil {
+				break
+			}
+		}
+		if err == nil {
+			counts := [5]int{sh.loggedIn, sh.online, sh.sessions, sh.subscriptions, sh.friendships}
+			recount := [5]int{loggedIn, online, sessions, subs, friends}
+			if counts != recount {
+				err = fmt.Errorf("shard %d counters (users, online, sessions, subs, friends) = %v, recount %v", i, counts, recount)
+			}
+		}
+		sh.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		for _, o := range others {
+			if !live(o) {
+				return fmt.Errorf("an index points at a dropped record of %s", o.id)
+			}
+		}
+	}
+	return nil
+}
+
+// checkRecordLocked checks one record against itself and the limits.
+func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
+	switch {
+	case u.id != id || e.shardFor(id) != sh:
+		return fmt.Errorf("record %q filed under %q or in the wrong shard", u.id, id)
+	case u.pins != 0:
+		return fmt.Errorf("%s: %d pins left", id, u.pins)
+	case u.emptyLocked():
+		return fmt.Errorf("%s: empty record not dropped", id)
+	case u.status != u.deriveStatus():
+		return fmt.Errorf("%s: status %v, devices say %v", id, u.status, u.deriveStatus())
+	case u.status != Online && u.custom != "":
+		return fmt.Errorf("%s: custom %q while %v", id, u.custom, u.status)
+	case u.version > sh.version:
+		return fmt.Errorf("%s: version %d ahead of its shard's %d", id, u.version, sh.version)
+	case u.subs != nil && (u.subs.len() == 0 || u.subs.len() > e.cfg.MaxSubscriptions):
+		return fmt.Errorf("%s: %d subscriptions", id, u.subs.len())
+	case len(u.friends) > e.cfg.MaxFriends:
+		return fmt.Errorf("%s: %d friends", id, len(u.friends))
+	case e.cfg.MaxDevices > 0 && len(u.devices) > e.cfg.MaxDevices:
+		return fmt.Errorf("%s: %d devices", id, len(u.devices))
+	}
+	var want []*Session
+	for _, d := range u.devices {
+		if s := d.session; s != nil {
+			if s.dev != d || s.u != u || s.ended.Load() {
+				return fmt.Errorf("%s/%s: session does not belong to its device or has ended", id, d.id)
+			}
+			s.mu.Lock()
+			n := s.box.len()
+			s.mu.Unlock()
+			if n > e.cfg.FeedSize {
+				return fmt.Errorf("%s/%s: %d pending events, over FeedSize %d", id, d.id, n, e.cfg.FeedSize)
+			}
+			want = append(want, s)
+		}
+		if d.session != nil && d.graceUntil != 0 {
+			return fmt.Errorf("%s/%s: connected and in grace at once", id, d.id)
+		}
+	}
+	var got []*Session
+	if p := u.sessions.Load(); p != nil {
+		got = *p
+	}
+	if !slices.Equal(got, want) {
+		return fmt.Errorf("%s: published sessions %d, devices hold %d", id, len(got), len(want))
+	}
+	if at := e.nextDeadline(u); at != 0 {
+		slot := e.wheel.slotFor(time.Unix(0, at))
+		if u.timerAt == 0 || e.wheel.fired(u.timerAt) || u.timerAt > slot {
+			return fmt.Errorf("%s: deadline at slot %d but wheel entry at %d", id, slot, u.timerAt)
+		}
+	}
+	return nil
+}
