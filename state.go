@@ -315,6 +315,9 @@ func (e *Engine) addTally(t *tally) {
 	}
 }
 
+// horizon is how far ahead the wheel takes a user's entry; see scheduleLocked.
+const horizon = time.Hour
+
 // scheduleLocked makes sure the wheel will visit u by its next deadline.
 func (e *Engine) scheduleLocked(u *user) {
 	at := e.nextDeadline(u)
@@ -322,6 +325,13 @@ func (e *Engine) scheduleLocked(u *user) {
 		return
 	}
 	slot := e.wheel.slotFor(time.Unix(0, at))
+	// Entries are never cancelled, so a far deadline that later moves
+	// (a device offline for days that logs in again) would leave a stale
+	// entry for days. Parking far deadlines at most one horizon ahead bounds
+	// how long a stale entry lives, for one visit per horizon to what waits.
+	if limit := e.wheel.done.Load() + int64(horizon/e.wheel.tick); slot > limit {
+		slot = limit
+	}
 	if u.timerAt != 0 && !e.wheel.fired(u.timerAt) && u.timerAt <= slot {
 		return // the entry already there fires first and reschedules
 	}
