@@ -35,8 +35,14 @@
 //
 // # Persistence
 //
-// Config.Store is the hook for snapshots on disk; the engine is memory-only
-// until a Store implementation is plugged in.
+// With Config.Store set (package persist provides one on a bbolt file), New
+// restores the saved state, a snapshot is saved every
+// Config.SnapshotInterval and on Close, and Snapshot saves one on demand.
+// Saving and loading stream: the state is never held twice in memory, and a
+// writer waits at most for the copy of one small batch of users. Devices
+// that were online when saved come back offline-pending: the user keeps its
+// status and custom text until Config.HeartbeatTimeout passes without the
+// device logging in again, so a quick restart goes unnoticed by watchers.
 //
 // # Concurrency
 //
@@ -155,10 +161,6 @@ type SessionInfo struct {
 	LastSeen  time.Time // latest login, heartbeat or disconnect
 }
 
-// Store saves and loads the engine's state. The persist package provides one
-// backed by a bbolt file.
-type Store interface{}
-
 // Stats is a snapshot of the engine's counters.
 type Stats struct {
 	Users         int // users with at least one device logged in (Online or Offline)
@@ -190,7 +192,7 @@ type Config struct {
 
 	MaxCustomStatusBytes int // 0 -> 100
 	MaxQueryIDs          int // 0 -> 500
-	MaxSubscribeIDs      int // 0 -> 100 (also per Unsubscribe call)
+	MaxSubscribeIDs      int // 0 -> 100, or MaxSubscriptions if smaller (also per Unsubscribe call)
 	MaxSubscriptions     int // 0 -> 200
 	MaxFriends           int // 0 -> 3000
 	MaxDevices           int // 0 -> unlimited; beyond it the oldest device is kicked
@@ -227,6 +229,9 @@ func (c Config) withDefaults() (Config, error) {
 		if *d.v == 0 {
 			*d.v = d.def
 		}
+	}
+	if c.MaxSubscribeIDs == 0 && c.MaxSubscriptions > 0 && c.MaxSubscriptions < 100 {
+		c.MaxSubscribeIDs = c.MaxSubscriptions // a small list caps the default call size too
 	}
 	ints := []struct {
 		name string
@@ -267,9 +272,6 @@ func (c Config) withDefaults() (Config, error) {
 		}
 		*q.v = q.v.withDefaults()
 	}
-	if c.Store != nil {
-		return c, fmt.Errorf("presence: Config.Store: persistence is not available yet; leave it nil")
-	}
 	return c, nil
 }
 
@@ -304,14 +306,23 @@ type Engine struct {
 	feedMu         sync.Mutex // protects feedClosed and orders the drop-oldest sends on feed
 	feedClosed     bool
 	changesDropped atomic.Uint64
+
+	stopSnapshots   context.CancelFunc // ends the background snapshot loop and its save in flight
+	snapMu          sync.Mutex         // serializes snapshots
+	snapStat        sync.Mutex         // protects lastSnapshot and lastSnapshotErr
+	lastSnapshot    time.Time
+	lastSnapshotErr error
 }
 
 // tick is the wheel's resolution: every deadline fires within one tick.
 const tick = time.Second
 
 // New returns a running engine configured by cfg, or an error naming the
-// Config field that is impossible. It starts one background goroutine, which
-// Close stops.
+// Config field that is impossible. With Config.Store set it first restores
+// the saved state, and returns the Store's error if that fails (the engine
+// is then discarded: nothing is half-restored). It starts one background
+// goroutine for deadlines and, with a Store, one for periodic snapshots;
+// Close stops them.
 func New(cfg Config) (*Engine, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -334,8 +345,19 @@ func New(cfg Config) (*Engine, error) {
 	if cfg.ChangeFeedSize > 0 {
 		e.feed = make(chan Change, cfg.ChangeFeedSize)
 	}
+	if cfg.Store != nil {
+		if err := e.restore(context.Background()); err != nil {
+			return nil, fmt.Errorf("presence: restoring from Config.Store: %w", err)
+		}
+	}
 	e.wg.Add(1)
 	go e.run()
+	if cfg.Store != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		e.stopSnapshots = cancel
+		e.wg.Add(1)
+		go e.snapshotLoop(ctx)
+	}
 	return e, nil
 }
 
@@ -367,15 +389,24 @@ func (e *Engine) run() {
 	}
 }
 
-// Close stops the background goroutine, ends every session (Done closes,
-// EndReason 0) and closes the change feed. Later calls of any method return
-// ErrClosed; Close itself is idempotent and returns nil.
+// Close stops the background goroutines, saves a final snapshot to
+// Config.Store if one is set (devices still online are saved as such, so a
+// quick restart is invisible), ends every session (Done closes, EndReason
+// 0) and closes the change feed. It returns the final snapshot's error.
+// Later calls of any method return ErrClosed; a second Close returns nil.
 func (e *Engine) Close() error {
 	if !e.closed.CompareAndSwap(false, true) {
 		return nil
 	}
 	close(e.stop)
+	if e.stopSnapshots != nil {
+		e.stopSnapshots()
+	}
 	e.wg.Wait()
+	var err error
+	if e.cfg.Store != nil {
+		err = e.save(context.Background())
+	}
 	var ended []*Session
 	for i := range e.shards {
 		sh := &e.shards[i]
@@ -401,7 +432,7 @@ func (e *Engine) Close() error {
 		close(e.feed)
 		e.feedMu.Unlock()
 	}
-	return nil
+	return err
 }
 
 // publish puts a record on the change feed, dropping the oldest record if
@@ -734,18 +765,6 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 	return out
 }
 
-// Snapshot saves the engine's state to Config.Store. Without a Store it
-// returns an error.
-func (e *Engine) Snapshot(ctx context.Context) error {
-	if e.closed.Load() {
-		return closedError("Snapshot")
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	return errNoStore
-}
-
 // Stats returns the engine's counters. It takes each shard lock in turn, so
 // the counts are each exact but not one atomic picture under concurrent
 // changes.
@@ -765,6 +784,9 @@ func (e *Engine) Stats() Stats {
 	st.Coalesced = e.coalesced.Load()
 	st.Lost = e.lost.Load()
 	st.ChangesDropped = e.changesDropped.Load()
+	e.snapStat.Lock()
+	st.LastSnapshot, st.LastSnapshotErr = e.lastSnapshot, e.lastSnapshotErr
+	e.snapStat.Unlock()
 	return st
 }
 

@@ -190,7 +190,7 @@ func (s *Session) Disconnect() error {
 	if e.cfg.DisconnectGrace > 0 && u.deriveStatus() != Online {
 		// Hold the change back: a login of this device within the grace
 		// cancels it and nobody hears of the disconnect.
-		d.graceUntil = now.Add(e.cfg.DisconnectGrace).UnixNano()
+		d.graceUntil, d.held = now.Add(e.cfg.DisconnectGrace).UnixNano(), ReasonLinkClose
 	} else {
 		sh.settleLocked(&c, now, ReasonLinkClose, d.id)
 	}

@@ -62,7 +62,8 @@ type device struct {
 	session    *Session // nil while disconnected
 	loginAt    int64    // unix ns of the latest login
 	lastSeen   int64    // unix ns of the latest login, heartbeat or disconnect
-	graceUntil int64    // unix ns: while nonzero, a disconnect whose status change is held back
+	graceUntil int64    // unix ns: while nonzero, the device counts as online though it has no session
+	held       Reason   // what happens when graceUntil passes: ReasonLinkClose (DisconnectGrace) or ReasonTimeout (restored from a Store)
 }
 
 // online reports whether the device keeps its user Online.
@@ -403,7 +404,7 @@ func (e *Engine) expireOneLocked(sh *shard, u *user, now time.Time) (change, boo
 		case d.session == nil && d.graceUntil != 0 && t >= d.graceUntil:
 			c := beginChange(u)
 			d.graceUntil = 0
-			sh.settleLocked(&c, now, ReasonLinkClose, d.id)
+			sh.settleLocked(&c, now, d.held, d.id)
 			return c, true
 		case d.session == nil && d.graceUntil == 0 && t >= d.lastSeen+int64(e.cfg.SessionExpiry):
 			c := beginChange(u)

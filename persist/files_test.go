@@ -1,0 +1,201 @@
+package persist_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/presencekit/presence"
+	"github.com/presencekit/presence/persist"
+	bolt "go.etcd.io/bbolt"
+)
+
+// savedFile writes a small valid snapshot file and returns its path.
+func savedFile(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "presence.db")
+	store := open(t, path)
+	e, err := presence.New(presence.Config{Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []string{"alice", "bob", "carol"} {
+		if _, err := e.Login(u, "phone"); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.SetSelfStatus(u, "here"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// openEngine opens path and builds an engine from it, returning the first error.
+func openEngine(path string) error {
+	store, err := persist.Open(path, &persist.Options{LockTimeout: 200 * time.Millisecond})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	e, err := presence.New(presence.Config{Store: store})
+	if err != nil {
+		return err
+	}
+	return e.Close()
+}
+
+// Every damaged or unexpected file gives an error that names the file and
+// says what is wrong; none panics, and the file is left as it was.
+func TestUnreadableFiles(t *testing.T) {
+	bboltFile := func(t *testing.T, fill func(tx *bolt.Tx) error) string {
+		path := filepath.Join(t.TempDir(), "x.db")
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Update(fill); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+		return path
+	}
+	cases := []struct {
+		name string
+		file func(t *testing.T) string
+		want string // a phrase the error must contain, beside the path
+	}{
+		{"garbage", func(t *testing.T) string {
+			path := filepath.Join(t.TempDir(), "x.db")
+			os.WriteFile(path, []byte(strings.Repeat("not a database ", 2000)), 0o600)
+			return path
+		}, "open"},
+		{"truncated", func(t *testing.T) string {
+			path := savedFile(t)
+			b, _ := os.ReadFile(path)
+			os.WriteFile(path, b[:len(b)/3], 0o600)
+			return path
+		}, ""},
+		{"corrupt pages", func(t *testing.T) string {
+			path := savedFile(t)
+			b, _ := os.ReadFile(path)
+			for i := 2 * 4096; i < len(b); i += 7 { // every page but the two meta pages
+				b[i] ^= 0x5a
+			}
+			os.WriteFile(path, b, 0o600)
+			return path
+		}, ""},
+		{"foreign bbolt file", func(t *testing.T) string {
+			return bboltFile(t, func(tx *bolt.Tx) error {
+				b, err := tx.CreateBucket([]byte("invoices"))
+				if err != nil {
+					return err
+				}
+				return b.Put([]byte("1"), []byte("paid"))
+			})
+		}, "not a presence snapshot"},
+		{"future format", func(t *testing.T) string {
+			return bboltFile(t, func(tx *bolt.Tx) error {
+				b, err := tx.CreateBucket([]byte("presence"))
+				if err != nil {
+					return err
+				}
+				return b.Put([]byte("format"), binary.AppendUvarint(nil, 99))
+			})
+		}, "format 99"},
+		{"bad record", func(t *testing.T) string {
+			return bboltFile(t, func(tx *bolt.Tx) error {
+				meta, err := tx.CreateBucket([]byte("presence"))
+				if err != nil {
+					return err
+				}
+				meta.Put([]byte("format"), binary.AppendUvarint(nil, 1))
+				meta.Put([]byte("current"), []byte("snapshot-1"))
+				snap, err := tx.CreateBucket([]byte("snapshot-1"))
+				if err != nil {
+					return err
+				}
+				rec := []byte{5, 'a', 'l', 'i', 'c', 'e', 0, 1, 0, 0xff, 0xff, 0xff} // cut off in the devices
+				chunk := binary.BigEndian.AppendUint32(nil, crc32.Checksum(rec, crc32.MakeTable(crc32.Castagnoli)))
+				return snap.Put([]byte("00000001"), append(chunk, rec...))
+			})
+		}, "record truncated"},
+		{"flipped bit in a record", func(t *testing.T) string {
+			path := savedFile(t)
+			b, _ := os.ReadFile(path)
+			i := bytes.Index(b, []byte("carol"))
+			if i < 0 {
+				t.Fatal("record not found in the file")
+			}
+			b[i] ^= 0x02 // "carol" -> "aarol": still a valid ID
+			os.WriteFile(path, b, 0o600)
+			return path
+		}, "checksum mismatch"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			path := c.file(t)
+			before, _ := os.ReadFile(path)
+			err := openEngine(path)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %q should name %s and say %q", err, path, c.want)
+			}
+			if after, _ := os.ReadFile(path); string(after) != string(before) {
+				t.Error("the unreadable file was changed")
+			}
+		})
+	}
+}
+
+// A second opener gives up after the lock timeout with an error saying the
+// file is in use, instead of waiting forever.
+func TestLockedFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "presence.db")
+	holder := open(t, path)
+	defer holder.Close()
+	start := time.Now()
+	_, err := persist.Open(path, &persist.Options{LockTimeout: 100 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "locked by another process") || !strings.Contains(err.Error(), path) {
+		t.Fatalf("second Open: %v", err)
+	}
+	if time.Since(start) > time.Minute {
+		t.Error("Open waited far past its lock timeout")
+	}
+}
+
+// A failed snapshot is reported in Stats, and the engine keeps serving.
+func TestFailedSnapshotIsReported(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "presence.db")
+	store := open(t, path)
+	e, err := presence.New(presence.Config{Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Close() // pull the file from under the engine
+	if err := e.Snapshot(context.Background()); err == nil {
+		t.Fatal("snapshot to a closed store succeeded")
+	}
+	if st := e.Stats(); st.LastSnapshotErr == nil || !st.LastSnapshot.IsZero() {
+		t.Errorf("Stats after a failed snapshot: LastSnapshot %v, LastSnapshotErr %v", st.LastSnapshot, st.LastSnapshotErr)
+	}
+	if _, err := e.Login("alice", "phone"); err != nil {
+		t.Errorf("engine stopped serving after a failed snapshot: %v", err)
+	}
+	if err := e.Close(); err == nil {
+		t.Error("Close reported no error for its failed final snapshot")
+	}
+}

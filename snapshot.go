@@ -1,0 +1,327 @@
+package presence
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"iter"
+	"time"
+	"unicode/utf8"
+)
+
+// Store saves and loads the engine's state: package persist provides one on
+// a bbolt file. Both directions stream, so neither the engine nor the Store
+// needs a second full copy of the state in memory.
+//
+// The engine calls Save and Load from one goroutine at a time and never
+// while holding a lock of its own.
+type Store interface {
+	// Save replaces the stored state with the records that records yields,
+	// in batches. The replacement must be atomic: after a crash at any
+	// moment, Load returns either the previous complete state or this one.
+	// A batch is valid only until the iteration continues; the Store must
+	// copy what it keeps. If the stream yields a non-nil error (ctx ended
+	// while it ran), the state is incomplete: Save must return that error
+	// without replacing anything.
+	Save(ctx context.Context, records iter.Seq2[[]Record, error]) error
+
+	// Load calls add with every record of the latest complete state, in
+	// batches, and returns the first error add returns. A Store with
+	// nothing saved yet calls add zero times and returns nil. A batch is
+	// valid only until add returns.
+	Load(ctx context.Context, add func([]Record) error) error
+}
+
+// Record is one user's state as a Store keeps it. Quota buckets and
+// mailboxes are not part of it: they describe the running process.
+type Record struct {
+	UserID        string
+	Custom        string
+	Version       uint64
+	IdleSince     time.Time // when the user last left Online (drives Config.SubscriptionTTL)
+	Devices       []DeviceRecord
+	Subscriptions []string // oldest first
+	Friends       []string
+}
+
+// DeviceRecord is one logged-in device in a Record.
+type DeviceRecord struct {
+	DeviceID  string
+	Connected bool // online when saved; restored as offline-pending
+	LoginAt   time.Time
+	LastSeen  time.Time
+}
+
+// batchUsers is how many records the engine copies under one shard lock
+// while saving: small enough that a writer on that shard waits only
+// microseconds.
+const batchUsers = 256
+
+// records streams every user with state of its own, a batch at a time. Each
+// shard is visited twice under its lock: once to list its records, then in
+// batches to copy them, so no lock is held while the Store writes.
+func (e *Engine) records(ctx context.Context) iter.Seq2[[]Record, error] {
+	return func(yield func([]Record, error) bool) {
+		var users []*user
+		batch := make([]Record, 0, batchUsers)
+		for i := range e.shards {
+			sh := &e.shards[i]
+			users = users[:0]
+			sh.mu.Lock()
+			for _, u := range sh.users {
+				if u.hasOwnState() {
+					users = append(users, u)
+				}
+			}
+			sh.mu.Unlock()
+			for len(users) > 0 {
+				if err := ctx.Err(); err != nil {
+					yield(nil, err)
+					return
+				}
+				n := min(batchUsers, len(users))
+				batch = batch[:0]
+				sh.mu.Lock()
+				for _, u := range users[:n] {
+					if sh.users[u.id] == u && u.hasOwnState() {
+						batch = append(batch, u.recordLocked())
+					}
+				}
+				sh.mu.Unlock()
+				users = users[n:]
+				if len(batch) > 0 && !yield(batch, nil) {
+					return
+				}
+			}
+		}
+	}
+}
+
+// hasOwnState reports whether the record holds anything a Store must keep.
+// A record that only anchors other users' edges is rebuilt from their lists.
+func (u *user) hasOwnState() bool {
+	return len(u.devices) > 0 || u.custom != "" || (u.subs != nil && u.subs.len() > 0) || len(u.friends) > 0
+}
+
+// recordLocked copies u into a Record. The strings are shared, not copied:
+// the record's strings never change.
+func (u *user) recordLocked() Record {
+	r := Record{UserID: u.id, Custom: u.custom, Version: u.version}
+	if u.idleSince != 0 {
+		r.IdleSince = time.Unix(0, u.idleSince)
+	}
+	if len(u.devices) > 0 {
+		r.Devices = make([]DeviceRecord, len(u.devices))
+		for i, d := range u.devices {
+			r.Devices[i] = DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)}
+		}
+	}
+	if u.subs != nil && u.subs.len() > 0 {
+		r.Subscriptions = make([]string, 0, u.subs.len())
+		u.subs.each(func(t *user, _ struct{}) bool {
+			r.Subscriptions = append(r.Subscriptions, t.id)
+			return true
+		})
+	}
+	if len(u.friends) > 0 {
+		r.Friends = make([]string, 0, len(u.friends))
+		for f := range u.friends {
+			r.Friends = append(r.Friends, f.id)
+		}
+	}
+	return r
+}
+
+// Snapshot saves the engine's state to Config.Store now and waits for it.
+// Only one snapshot runs at a time; a call made during another waits for it.
+// Writers are held up at most for the copy of one small batch of users.
+// Without a Store it returns an error.
+func (e *Engine) Snapshot(ctx context.Context) error {
+	if e.closed.Load() {
+		return closedError("Snapshot")
+	}
+	return e.save(ctx)
+}
+
+func (e *Engine) save(ctx context.Context) error {
+	if e.cfg.Store == nil {
+		return errNoStore
+	}
+	e.snapMu.Lock()
+	defer e.snapMu.Unlock()
+	err := ctx.Err()
+	if err == nil {
+		err = e.cfg.Store.Save(ctx, e.records(ctx))
+	}
+	if err != nil {
+		err = fmt.Errorf("presence: snapshot: %w", err)
+	}
+	e.snapStat.Lock()
+	if err == nil {
+		e.lastSnapshot = e.now()
+	}
+	e.lastSnapshotErr = err
+	e.snapStat.Unlock()
+	return err
+}
+
+// snapshotLoop saves every Config.SnapshotInterval until Close. A failure is
+// reported in Stats and the engine keeps serving; the next tick tries again.
+func (e *Engine) snapshotLoop(ctx context.Context) {
+	defer e.wg.Done()
+	t := time.NewTicker(e.cfg.SnapshotInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			_ = e.save(ctx)
+		}
+	}
+}
+
+// restore loads the Store's state into the empty engine before New returns.
+// Devices that were online come back offline-pending: they keep their user's
+// status and custom text until Config.HeartbeatTimeout passes without a new
+// login, so a quick restart is invisible to watchers.
+func (e *Engine) restore(ctx context.Context) error {
+	now := e.now()
+	var top uint64
+	err := e.cfg.Store.Load(ctx, func(batch []Record) error {
+		for i := range batch {
+			if err := e.restoreRecord(&batch[i], now); err != nil {
+				return err
+			}
+			top = max(top, batch[i].Version)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for i := range e.shards {
+		sh := &e.shards[i]
+		sh.mu.Lock()
+		sh.version = max(sh.version, top) // records re-made later stay ahead of every saved version
+		for _, u := range sh.users {
+			e.scheduleLocked(u)
+		}
+		sh.mu.Unlock()
+	}
+	return nil
+}
+
+var errRecord = errors.New("invalid record")
+
+// restoreRecord validates one record and adds it. The engine is not shared
+// yet, but the locks are taken as usual so the helpers' rules hold.
+func (e *Engine) restoreRecord(r *Record, now time.Time) error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w for user %q: %s", errRecord, r.UserID, fmt.Sprintf(format, args...))
+	}
+	if err := e.checkID("restore", "user ID", r.UserID); err != nil {
+		return bad("%v", err)
+	}
+	if len(r.Custom) > e.cfg.MaxCustomStatusBytes || !utf8.ValidString(r.Custom) {
+		return bad("custom status not valid UTF-8 within %d bytes", e.cfg.MaxCustomStatusBytes)
+	}
+	seen := make(map[string]bool, len(r.Devices)+len(r.Subscriptions)+len(r.Friends))
+	for _, d := range r.Devices {
+		if err := e.checkID("restore", "device ID", d.DeviceID); err != nil || seen[d.DeviceID] {
+			return bad("device %q invalid or repeated", d.DeviceID)
+		}
+		seen[d.DeviceID] = true
+	}
+	for _, list := range [][]string{r.Subscriptions, r.Friends} {
+		clear(seen)
+		for _, id := range list {
+			if err := e.checkID("restore", "user ID", id); err != nil || id == r.UserID || seen[id] {
+				return bad("edge to %q invalid, repeated or to itself", id)
+			}
+			seen[id] = true
+		}
+	}
+
+	sh := e.shardFor(r.UserID)
+	sh.mu.Lock()
+	u := sh.getOrCreateLocked(r.UserID)
+	if u.hasOwnState() {
+		sh.mu.Unlock()
+		return bad("user saved twice")
+	}
+	c := beginChange(u)
+	devices := r.Devices
+	if max := e.cfg.MaxDevices; max > 0 && len(devices) > max {
+		devices = devices[len(devices)-max:] // the newest logins, as Login would keep
+	}
+	for _, dr := range devices {
+		d := &device{id: dr.DeviceID, loginAt: dr.LoginAt.UnixNano(), lastSeen: dr.LastSeen.UnixNano()}
+		if dr.Connected {
+			d.graceUntil, d.held = now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
+		}
+		u.devices = append(u.devices, d)
+	}
+	u.custom = r.Custom
+	u.status = u.deriveStatus()
+	if u.status != Online {
+		u.custom = ""
+	}
+	sh.countStatus(c.prevStatus, u.status)
+	u.version = r.Version
+	if !r.IdleSince.IsZero() {
+		u.idleSince = r.IdleSince.UnixNano()
+	}
+	u.pins++ // keep the record while its edges are linked
+	sh.mu.Unlock()
+
+	subs := r.Subscriptions
+	if len(subs) > e.cfg.MaxSubscriptions {
+		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
+	}
+	friends := r.Friends[:min(len(r.Friends), e.cfg.MaxFriends)]
+	for _, id := range subs {
+		t := e.linkRestored(id, u, false)
+		sh.mu.Lock()
+		if u.subs == nil {
+			u.subs = &fifo[*user, struct{}]{}
+		}
+		u.subs.put(t, struct{}{})
+		sh.subscriptions++
+		sh.mu.Unlock()
+	}
+	for _, id := range friends {
+		f := e.linkRestored(id, u, true)
+		sh.mu.Lock()
+		if u.friends == nil {
+			u.friends = make(map[*user]struct{})
+		}
+		u.friends[f] = struct{}{}
+		sh.friendships++
+		sh.mu.Unlock()
+	}
+	sh.mu.Lock()
+	u.pins--
+	sh.dropIfEmptyLocked(u)
+	sh.mu.Unlock()
+	return nil
+}
+
+// linkRestored adds u to the reverse index (subscribers or friendOf) of id.
+func (e *Engine) linkRestored(id string, u *user, friend bool) *user {
+	tsh := e.shardFor(id)
+	tsh.mu.Lock()
+	defer tsh.mu.Unlock()
+	t := tsh.getOrCreateLocked(id)
+	t.fanMu.Lock()
+	defer t.fanMu.Unlock()
+	idx := &t.subscribers
+	if friend {
+		idx = &t.friendOf
+	}
+	if *idx == nil {
+		*idx = make(map[*user]struct{})
+	}
+	(*idx)[u] = struct{}{}
+	return t
+}
