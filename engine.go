@@ -414,6 +414,7 @@ func (e *Engine) Close() error {
 		for _, u := range sh.users {
 			for _, d := range u.devices {
 				if d.session != nil {
+					d.session.markEnded(0)
 					ended = append(ended, d.session)
 					d.session = nil
 				}
@@ -424,7 +425,7 @@ func (e *Engine) Close() error {
 		sh.mu.Unlock()
 	}
 	for _, s := range ended {
-		s.end(0)
+		close(s.done)
 	}
 	if e.feed != nil {
 		e.feedMu.Lock()

@@ -136,12 +136,12 @@ func (s *Session) push(ev *Event, t *tally) {
 	}
 }
 
-// end marks the session ended and closes Done. The caller took the session
-// away from its device under the shard lock, which makes this happen once.
-func (s *Session) end(why Reason) {
+// markEnded records that the session has ended and why. The caller took the
+// session away from its device under the shard lock, which makes this
+// happen once; Done is closed afterwards, outside the lock.
+func (s *Session) markEnded(why Reason) {
 	s.reason.Store(uint32(why))
 	s.ended.Store(true)
-	close(s.done)
 }
 
 // Heartbeat records that the device is alive, pushing its heartbeat timeout

@@ -191,10 +191,8 @@ type change struct {
 	notify bool   // status or custom text changed: deliver event
 	event  Event
 
-	ended     []*Session // sessions to end once the locks are released
-	endBuf    [2]*Session
-	endReason []Reason
-	reasonBuf [2]Reason
+	ended  []*Session // sessions whose Done is closed once the locks are released
+	endBuf [2]*Session
 	mayDrop   bool // the record may be empty once this change is delivered
 }
 
@@ -203,16 +201,19 @@ func beginChange(u *user) change {
 	return change{u: u, prevStatus: u.status, prevCustom: u.custom}
 }
 
-// endSession takes the device's session away and notes it for ending.
+// endSession takes the device's session away and marks it ended at once,
+// so that everything the session reports (EndReason, Heartbeat's error)
+// agrees from this moment; its Done channel is closed by finish, after the
+// locks, because closing it wakes readers.
 func (c *change) endSession(sh *shard, d *device, why Reason) {
 	if d.session == nil {
 		return
 	}
 	if c.ended == nil {
-		c.ended, c.endReason = c.endBuf[:0], c.reasonBuf[:0]
+		c.ended = c.endBuf[:0]
 	}
+	d.session.markEnded(why)
 	c.ended = append(c.ended, d.session)
-	c.endReason = append(c.endReason, why)
 	d.session = nil
 	sh.sessions--
 }
@@ -261,8 +262,8 @@ func (e *Engine) finish(sh *shard, c *change) {
 		e.publish(&c.record)
 	}
 	u.fanMu.Unlock()
-	for i, s := range c.ended {
-		s.end(c.endReason[i])
+	for _, s := range c.ended {
+		close(s.done)
 	}
 	if c.mayDrop {
 		sh.mu.Lock()
