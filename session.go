@@ -33,7 +33,7 @@ type Session struct {
 	reason atomic.Uint32 // Reason the session ended, set before done is closed
 	lost   atomic.Uint64
 
-	mu  sync.Mutex        // protects box
+	mu  sync.Mutex          // protects box
 	box fifo[string, Event] // pending events keyed by the user they are about, oldest first
 }
 

@@ -191,9 +191,9 @@ type change struct {
 	notify bool   // status or custom text changed: deliver event
 	event  Event
 
-	ended  []*Session // sessions whose Done is closed once the locks are released
-	endBuf [2]*Session
-	mayDrop   bool // the record may be empty once this change is delivered
+	ended   []*Session // sessions whose Done is closed once the locks are released
+	endBuf  [2]*Session
+	mayDrop bool // the record may be empty once this change is delivered
 }
 
 // begin starts a change of u; call it before changing anything.
