@@ -1,5 +1,7 @@
 package presence
 
+import "slices"
+
 // fifo is an insertion-ordered set of keys, each with a value, that keeps its
 // order from oldest to newest. Putting a key that is already present moves it
 // to the newest end. It has no bound of its own: the owner trims it with
@@ -71,6 +73,15 @@ func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
 	f.index[k] = i
 	f.linkNewest(i)
 	return false
+}
+
+// grow makes room for n more entries ahead of time.
+func (f *fifo[K, V]) grow(n int) {
+	if f.index == nil {
+		f.index = make(map[K]int32, n)
+		f.free = none
+	}
+	f.nodes = slices.Grow(f.nodes, n)
 }
 
 // popOldest removes and returns the oldest entry.

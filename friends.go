@@ -34,15 +34,14 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 		seen[id] = true
 		fsh := e.shardFor(id)
 		fsh.mu.Lock()
-		f := fsh.getLocked(id)
-		_, already := f.friendOfMap()[a]
+		already := fsh.getLocked(id).friendOf(a)
 		fsh.mu.Unlock()
 		if !already {
 			fresh = append(fresh, id)
 		}
 	}
 	sh.mu.Lock()
-	if n := len(a.friends) + len(fresh); n > e.cfg.MaxFriends {
+	if n := a.edgesLocked().friends.len() + len(fresh); n > e.cfg.MaxFriends {
 		a.pins--
 		sh.dropIfEmptyLocked(a)
 		sh.mu.Unlock()
@@ -56,20 +55,15 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 		fsh.mu.Lock()
 		f := fsh.getOrCreateLocked(id)
 		f.fanMu.Lock()
-		if f.friendOf == nil {
-			f.friendOf = make(map[*user]struct{})
-		}
-		f.friendOf[a] = struct{}{}
+		f.edgesLocked().friendOf.add(a)
 		f.fanMu.Unlock()
 		fsh.mu.Unlock()
 		added = append(added, f)
 	}
 	sh.mu.Lock()
-	if a.friends == nil && len(added) > 0 {
-		a.friends = make(map[*user]struct{}, len(added))
-	}
+	ed := a.edgesLocked()
 	for _, f := range added {
-		a.friends[f] = struct{}{}
+		ed.friends.add(f)
 	}
 	sh.friendships += len(added)
 	a.pins--
@@ -102,23 +96,17 @@ func (e *Engine) RemoveFriends(userID string, friendIDs ...string) error {
 		fsh := e.shardFor(id)
 		fsh.mu.Lock()
 		f := fsh.getLocked(id)
-		_, linked := f.friendOfMap()[a]
+		linked := f.friendOf(a)
 		if linked {
 			f.fanMu.Lock()
-			delete(f.friendOf, a)
-			if len(f.friendOf) == 0 {
-				f.friendOf = nil
-			}
+			f.edges.Load().friendOf.remove(a)
 			f.fanMu.Unlock()
 			fsh.dropIfEmptyLocked(f)
 		}
 		fsh.mu.Unlock()
 		if linked {
 			sh.mu.Lock()
-			delete(a.friends, f)
-			if len(a.friends) == 0 {
-				a.friends = nil
-			}
+			a.edges.Load().friends.remove(f)
 			sh.friendships--
 			sh.dropIfEmptyLocked(a)
 			sh.mu.Unlock()
@@ -127,12 +115,14 @@ func (e *Engine) RemoveFriends(userID string, friendIDs ...string) error {
 	return nil
 }
 
-// friendOfMap returns u's reverse friend index, nil for a nil record.
-func (u *user) friendOfMap() map[*user]struct{} {
+// friendOf reports whether a lists u as a friend; u may be nil. Call with
+// u's shard lock held.
+func (u *user) friendOf(a *user) bool {
 	if u == nil {
-		return nil
+		return false
 	}
-	return u.friendOf
+	ed := u.edges.Load()
+	return ed != nil && ed.friendOf.has(a)
 }
 
 func (e *Engine) checkFriendCall(op, userID string, friendIDs []string) error {

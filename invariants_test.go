@@ -39,31 +39,33 @@ func (e *Engine) checkInvariants() error {
 					sessions++
 				}
 			}
-			if u.subs != nil {
-				subs += u.subs.len()
-				u.subs.each(func(t *user, _ struct{}) bool {
-					if _, ok := t.subscribers[u]; !ok {
-						err = fmt.Errorf("%s subscribes to %s but is not in its subscribers", u.id, t.id)
-					}
-					others = append(others, t)
-					return err == nil
-				})
+			ed := u.edges.Load()
+			if ed == nil {
+				continue
 			}
-			friends += len(u.friends)
-			for f := range u.friends {
-				if _, ok := f.friendOf[u]; !ok {
+			subs += ed.subs.len()
+			ed.subs.each(func(t *user, _ struct{}) bool {
+				if ted := t.edges.Load(); ted == nil || !ted.subscribers.has(u) {
+					err = fmt.Errorf("%s subscribes to %s but is not in its subscribers", u.id, t.id)
+				}
+				others = append(others, t)
+				return err == nil
+			})
+			friends += ed.friends.len()
+			for f := range ed.friends.all() {
+				if fed := f.edges.Load(); fed == nil || !fed.friendOf.has(u) {
 					err = fmt.Errorf("%s lists friend %s but is not in its friendOf", u.id, f.id)
 				}
 				others = append(others, f)
 			}
-			for w := range u.subscribers {
-				if w.subs == nil || !w.subs.has(u) {
+			for w := range ed.subscribers.all() {
+				if wed := w.edges.Load(); wed == nil || !wed.subs.has(u) {
 					err = fmt.Errorf("%s has subscriber %s whose list lacks it", u.id, w.id)
 				}
 				others = append(others, w)
 			}
-			for w := range u.friendOf {
-				if _, ok := w.friends[u]; !ok {
+			for w := range ed.friendOf.all() {
+				if wed := w.edges.Load(); wed == nil || !wed.friends.has(u) {
 					err = fmt.Errorf("%s is friend of %s whose list lacks it", u.id, w.id)
 				}
 				others = append(others, w)
@@ -107,10 +109,10 @@ func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
 		return fmt.Errorf("%s: custom %q while %v", id, u.custom, u.status)
 	case u.version > sh.version:
 		return fmt.Errorf("%s: version %d ahead of its shard's %d", id, u.version, sh.version)
-	case u.subs != nil && (u.subs.len() == 0 || u.subs.len() > e.cfg.MaxSubscriptions):
-		return fmt.Errorf("%s: %d subscriptions", id, u.subs.len())
-	case len(u.friends) > e.cfg.MaxFriends:
-		return fmt.Errorf("%s: %d friends", id, len(u.friends))
+	case u.subCount() > e.cfg.MaxSubscriptions:
+		return fmt.Errorf("%s: %d subscriptions", id, u.subCount())
+	case u.edges.Load() != nil && u.edges.Load().friends.len() > e.cfg.MaxFriends:
+		return fmt.Errorf("%s: %d friends", id, u.edges.Load().friends.len())
 	case e.cfg.MaxDevices > 0 && len(u.devices) > e.cfg.MaxDevices:
 		return fmt.Errorf("%s: %d devices", id, len(u.devices))
 	}

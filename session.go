@@ -187,9 +187,11 @@ func (s *Session) Disconnect() error {
 	c.endSession(sh, d, ReasonLinkClose)
 	d.lastSeen = now.UnixNano()
 	u.publishSessionsLocked()
-	if e.cfg.DisconnectGrace > 0 && u.deriveStatus() != Online {
+	if e.cfg.DisconnectGrace > 0 && u.status == Online && !u.connected() {
 		// Hold the change back: a login of this device within the grace
-		// cancels it and nobody hears of the disconnect.
+		// cancels it and nobody hears of the disconnect. Other devices
+		// still held do not count: each reconnect within its own grace
+		// must go unnoticed.
 		d.graceUntil, d.held = now.Add(e.cfg.DisconnectGrace).UnixNano(), ReasonLinkClose
 	} else {
 		sh.settleLocked(&c, now, ReasonLinkClose, d.id)

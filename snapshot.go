@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -100,7 +103,11 @@ func (e *Engine) records(ctx context.Context) iter.Seq2[[]Record, error] {
 // hasOwnState reports whether the record holds anything a Store must keep.
 // A record that only anchors other users' edges is rebuilt from their lists.
 func (u *user) hasOwnState() bool {
-	return len(u.devices) > 0 || u.custom != "" || (u.subs != nil && u.subs.len() > 0) || len(u.friends) > 0
+	if len(u.devices) > 0 || u.custom != "" {
+		return true
+	}
+	ed := u.edges.Load()
+	return ed != nil && (ed.subs.len() > 0 || ed.friends.len() > 0)
 }
 
 // recordLocked copies u into a Record. The strings are shared, not copied:
@@ -116,16 +123,20 @@ func (u *user) recordLocked() Record {
 			r.Devices[i] = DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)}
 		}
 	}
-	if u.subs != nil && u.subs.len() > 0 {
-		r.Subscriptions = make([]string, 0, u.subs.len())
-		u.subs.each(func(t *user, _ struct{}) bool {
+	ed := u.edges.Load()
+	if ed == nil {
+		return r
+	}
+	if n := ed.subs.len(); n > 0 {
+		r.Subscriptions = make([]string, 0, n)
+		ed.subs.each(func(t *user, _ struct{}) bool {
 			r.Subscriptions = append(r.Subscriptions, t.id)
 			return true
 		})
 	}
-	if len(u.friends) > 0 {
-		r.Friends = make([]string, 0, len(u.friends))
-		for f := range u.friends {
+	if n := ed.friends.len(); n > 0 {
+		r.Friends = make([]string, 0, n)
+		for f := range ed.friends.all() {
 			r.Friends = append(r.Friends, f.id)
 		}
 	}
@@ -184,18 +195,30 @@ func (e *Engine) snapshotLoop(ctx context.Context) {
 // restore loads the Store's state into the empty engine before New returns.
 // Devices that were online come back offline-pending: they keep their user's
 // status and custom text until Config.HeartbeatTimeout passes without a new
-// login, so a quick restart is invisible to watchers.
+// login, so a quick restart is invisible to watchers. Each batch is spread
+// over one goroutine per CPU; they have all returned before the next batch.
 func (e *Engine) restore(ctx context.Context) error {
 	now := e.now()
-	var top uint64
+	var top atomic.Uint64
+	workers := runtime.GOMAXPROCS(0)
+	errs := make([]error, workers)
 	err := e.cfg.Store.Load(ctx, func(batch []Record) error {
-		for i := range batch {
-			if err := e.restoreRecord(&batch[i], now); err != nil {
-				return err
-			}
-			top = max(top, batch[i].Version)
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var high uint64
+				for i := w; i < len(batch) && errs[w] == nil; i += workers {
+					errs[w] = e.restoreRecord(&batch[i], now)
+					high = max(high, batch[i].Version)
+				}
+				for old := top.Load(); high > old && !top.CompareAndSwap(old, high); old = top.Load() {
+				}
+			}()
 		}
-		return nil
+		wg.Wait()
+		return errors.Join(errs...)
 	})
 	if err != nil {
 		return err
@@ -203,7 +226,7 @@ func (e *Engine) restore(ctx context.Context) error {
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
-		sh.version = max(sh.version, top) // records re-made later stay ahead of every saved version
+		sh.version = max(sh.version, top.Load()) // records re-made later stay ahead of every saved version
 		for _, u := range sh.users {
 			e.scheduleLocked(u)
 		}
@@ -280,27 +303,33 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
 	}
 	friends := r.Friends[:min(len(r.Friends), e.cfg.MaxFriends)]
+	targets := make([]*user, 0, max(len(subs), len(friends)))
 	for _, id := range subs {
-		t := e.linkRestored(id, u, false)
-		sh.mu.Lock()
-		if u.subs == nil {
-			u.subs = &fifo[*user, struct{}]{}
-		}
-		u.subs.put(t, struct{}{})
-		sh.subscriptions++
-		sh.mu.Unlock()
-	}
-	for _, id := range friends {
-		f := e.linkRestored(id, u, true)
-		sh.mu.Lock()
-		if u.friends == nil {
-			u.friends = make(map[*user]struct{})
-		}
-		u.friends[f] = struct{}{}
-		sh.friendships++
-		sh.mu.Unlock()
+		targets = append(targets, e.linkRestored(id, u, false))
 	}
 	sh.mu.Lock()
+	if len(targets) > 0 {
+		list := &u.edgesLocked().subs
+		list.grow(len(targets))
+		for _, t := range targets {
+			list.put(t, struct{}{})
+		}
+		sh.subscriptions += len(targets)
+	}
+	sh.mu.Unlock()
+
+	targets = targets[:0]
+	for _, id := range friends {
+		targets = append(targets, e.linkRestored(id, u, true))
+	}
+	sh.mu.Lock()
+	if len(targets) > 0 {
+		ed := u.edgesLocked()
+		for _, f := range targets {
+			ed.friends.add(f)
+		}
+		sh.friendships += len(targets)
+	}
 	u.pins--
 	sh.dropIfEmptyLocked(u)
 	sh.mu.Unlock()
@@ -313,15 +342,12 @@ func (e *Engine) linkRestored(id string, u *user, friend bool) *user {
 	tsh.mu.Lock()
 	defer tsh.mu.Unlock()
 	t := tsh.getOrCreateLocked(id)
-	t.fanMu.Lock()
-	defer t.fanMu.Unlock()
-	idx := &t.subscribers
+	// No delivery can run before New returns, so the shard lock alone
+	// guards the index here.
 	if friend {
-		idx = &t.friendOf
+		t.edgesLocked().friendOf.add(u)
+	} else {
+		t.edgesLocked().subscribers.add(u)
 	}
-	if *idx == nil {
-		*idx = make(map[*user]struct{})
-	}
-	(*idx)[u] = struct{}{}
 	return t
 }

@@ -38,22 +38,52 @@ type user struct {
 	timerAt   int64     // wheel slot of this record's earliest pending entry, 0 if none
 	pins      int32     // edge changes in progress that hold a pointer to this record
 
-	subs    *fifo[*user, struct{}] // users this user subscribes to, oldest first; nil when none
-	friends map[*user]struct{}     // users this user is notified about as friends; nil when none
-
 	// sessions lists the connected sessions. It is replaced, never changed in
 	// place, so a delivery reads it without the shard lock.
 	sessions atomic.Pointer[[]*Session]
 
+	// edges holds the user's subscriptions and friendships, both directions;
+	// nil until the user has any, so a user without them costs nothing more.
+	// It is set once, under the shard lock, and read by deliveries through
+	// the atomic pointer.
+	edges atomic.Pointer[edges]
+
 	// fanMu is taken under the shard lock when a change of this user is
 	// applied and released once that change has been delivered, after the
 	// shard lock: deliveries of one user's changes happen one at a time in
-	// version order while the shard stays free. It also protects subscribers
-	// and friendOf for the delivery, which reads them without the shard lock;
-	// they are written with both locks held.
-	fanMu       sync.Mutex
-	subscribers map[*user]struct{} // users subscribed to this user
-	friendOf    map[*user]struct{} // users that list this user as a friend
+	// version order while the shard stays free. It also guards the reverse
+	// indexes (edges.subscribers, edges.friendOf) for the delivery, which
+	// reads them without the shard lock; they are written with both held.
+	fanMu sync.Mutex
+}
+
+// edges are one user's subscription and friend edges. The forward lists
+// (subs, friends) are guarded by the owner's shard lock; the reverse indexes
+// also by the owner's fanMu (see user).
+type edges struct {
+	subs        fifo[*user, struct{}] // users this user subscribes to, oldest first
+	friends     userSet               // users this user is notified about as friends
+	subscribers userSet               // users subscribed to this user
+	friendOf    userSet               // users that list this user as a friend
+}
+
+// edgesLocked returns u's edges, making them if needed. Call with the shard
+// lock held.
+func (u *user) edgesLocked() *edges {
+	ed := u.edges.Load()
+	if ed == nil {
+		ed = &edges{}
+		u.edges.Store(ed)
+	}
+	return ed
+}
+
+// subCount returns the number of u's subscriptions. Call with the shard lock held.
+func (u *user) subCount() int {
+	if ed := u.edges.Load(); ed != nil {
+		return ed.subs.len()
+	}
+	return 0
 }
 
 // device is one logged-in device of a user.
@@ -82,6 +112,16 @@ func (u *user) deriveStatus() Status {
 	return Offline
 }
 
+// connected reports whether any device has a live session.
+func (u *user) connected() bool {
+	for _, d := range u.devices {
+		if d.session != nil {
+			return true
+		}
+	}
+	return false
+}
+
 func (u *user) device(id string) (int, *device) {
 	for i, d := range u.devices {
 		if d.id == id {
@@ -93,9 +133,11 @@ func (u *user) device(id string) (int, *device) {
 
 // emptyLocked reports whether the record holds nothing worth keeping.
 func (u *user) emptyLocked() bool {
-	return len(u.devices) == 0 && u.custom == "" && u.pins == 0 &&
-		(u.subs == nil || u.subs.len() == 0) && len(u.friends) == 0 &&
-		len(u.subscribers) == 0 && len(u.friendOf) == 0
+	if len(u.devices) != 0 || u.custom != "" || u.pins != 0 {
+		return false
+	}
+	ed := u.edges.Load()
+	return ed == nil || ed.subs.len() == 0 && ed.friends.len() == 0 && ed.subscribers.len() == 0 && ed.friendOf.len() == 0
 }
 
 // view returns the user's state as a reader sees it, without device detail.
@@ -278,13 +320,15 @@ func (e *Engine) finish(sh *shard, c *change) {
 func (e *Engine) fanOut(u *user, ev *Event) {
 	var t tally
 	t.toUser(u, ev)
-	for w := range u.subscribers {
-		t.toUser(w, ev)
-	}
-	if e.cfg.NotifyFriends {
-		for w := range u.friendOf {
-			if _, dup := u.subscribers[w]; !dup {
-				t.toUser(w, ev)
+	if ed := u.edges.Load(); ed != nil {
+		for w := range ed.subscribers.all() {
+			t.toUser(w, ev)
+		}
+		if e.cfg.NotifyFriends {
+			for w := range ed.friendOf.all() {
+				if !ed.subscribers.has(w) {
+					t.toUser(w, ev)
+				}
 			}
 		}
 	}
@@ -359,7 +403,7 @@ func (e *Engine) nextDeadline(u *user) int64 {
 			earliest(d.lastSeen + int64(e.cfg.SessionExpiry))
 		}
 	}
-	if u.subs != nil && u.subs.len() > 0 && u.status != Online {
+	if u.subCount() > 0 && u.status != Online {
 		earliest(u.idleSince + int64(e.cfg.SubscriptionTTL))
 	}
 	return at
@@ -377,7 +421,7 @@ func (u *user) expire(e *Engine, now time.Time) {
 		}
 		c, ok := e.expireOneLocked(sh, u, now)
 		if !ok {
-			ttl := u.subs != nil && u.subs.len() > 0 && u.status != Online &&
+			ttl := u.subCount() > 0 && u.status != Online &&
 				now.UnixNano() >= u.idleSince+int64(e.cfg.SubscriptionTTL)
 			e.scheduleLocked(u)
 			sh.mu.Unlock()

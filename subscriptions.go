@@ -55,10 +55,7 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 		tsh.mu.Lock()
 		tu := tsh.getOrCreateLocked(id)
 		tu.fanMu.Lock()
-		if tu.subscribers == nil {
-			tu.subscribers = make(map[*user]struct{})
-		}
-		tu.subscribers[a] = struct{}{}
+		tu.edgesLocked().subscribers.add(a)
 		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
 		tsh.mu.Unlock()
 		t.toUser(a, &ev)
@@ -70,18 +67,16 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 	// Then the forward list, in call order, trimmed to the limit.
 	var gone []*user
 	sh.mu.Lock()
-	if a.subs == nil {
-		a.subs = &fifo[*user, struct{}]{}
-	}
-	before := a.subs.len()
+	list := &a.edgesLocked().subs
+	before := list.len()
 	for _, tu := range targets {
-		a.subs.put(tu, struct{}{})
+		list.put(tu, struct{}{})
 	}
-	for a.subs.len() > e.cfg.MaxSubscriptions {
-		old, _, _ := a.subs.popOldest()
+	for list.len() > e.cfg.MaxSubscriptions {
+		old, _, _ := list.popOldest()
 		gone = append(gone, old)
 	}
-	sh.subscriptions += a.subs.len() - before
+	sh.subscriptions += list.len() - before
 	if a.status != Online {
 		a.idleSince = now.UnixNano() // the TTL counts from the latest subscribe
 	}
@@ -131,20 +126,18 @@ func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error 
 	}
 	sh.mu.Lock()
 	a := sh.getLocked(callerID)
-	if a == nil || a.subs == nil {
+	if a == nil || a.subCount() == 0 {
 		sh.mu.Unlock()
 		return nil
 	}
+	list := &a.edges.Load().subs
 	removed := targets[:0]
 	for _, tu := range targets {
-		if a.subs.remove(tu) {
+		if list.remove(tu) {
 			removed = append(removed, tu)
 		}
 	}
 	sh.subscriptions -= len(removed)
-	if a.subs.len() == 0 {
-		a.subs = nil
-	}
 	sh.dropIfEmptyLocked(a)
 	sh.mu.Unlock()
 	for _, tu := range removed {
@@ -159,18 +152,19 @@ func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error 
 func (e *Engine) unsubscribeAll(sh *shard, id string, idle *time.Time) {
 	sh.mu.Lock()
 	a := sh.getLocked(id)
-	if a == nil || a.subs == nil ||
+	if a == nil || a.subCount() == 0 ||
 		(idle != nil && (a.status == Online || idle.UnixNano() < a.idleSince+int64(e.cfg.SubscriptionTTL))) {
 		sh.mu.Unlock()
 		return
 	}
-	var targets []*user
-	a.subs.each(func(tu *user, _ struct{}) bool {
+	list := &a.edges.Load().subs
+	targets := make([]*user, 0, list.len())
+	list.each(func(tu *user, _ struct{}) bool {
 		targets = append(targets, tu)
 		return true
 	})
 	sh.subscriptions -= len(targets)
-	a.subs = nil
+	*list = fifo[*user, struct{}]{} // let the memory go: a cleared list is often left so
 	sh.dropIfEmptyLocked(a)
 	sh.mu.Unlock()
 	for _, tu := range targets {
@@ -197,11 +191,12 @@ func (e *Engine) Subscriptions(userID string) []string {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	a := sh.getLocked(userID)
-	if a == nil || a.subs == nil {
+	if a == nil || a.subCount() == 0 {
 		return nil
 	}
-	ids := make([]string, 0, a.subs.len())
-	a.subs.each(func(tu *user, _ struct{}) bool {
+	list := &a.edges.Load().subs
+	ids := make([]string, 0, list.len())
+	list.each(func(tu *user, _ struct{}) bool {
 		ids = append(ids, tu.id)
 		return true
 	})
@@ -235,10 +230,7 @@ func (e *Engine) unlinkSubscriber(tu, a *user) {
 	tsh := e.shardFor(tu.id)
 	tsh.mu.Lock()
 	tu.fanMu.Lock()
-	delete(tu.subscribers, a)
-	if len(tu.subscribers) == 0 {
-		tu.subscribers = nil
-	}
+	tu.edges.Load().subscribers.remove(a)
 	tu.fanMu.Unlock()
 	tsh.dropIfEmptyLocked(tu)
 	tsh.mu.Unlock()

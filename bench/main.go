@@ -48,6 +48,8 @@ type config struct {
 	Grace            time.Duration // engine Config.DisconnectGrace
 	FeedSize         int           // engine Config.FeedSize (per-session mailbox)
 	ChangeFeed       int           // engine Config.ChangeFeedSize
+
+	CPUProfile string // write a CPU profile of the load phase here
 }
 
 func parseFlags(args []string) (config, error) {
@@ -62,7 +64,7 @@ func parseFlags(args []string) (config, error) {
 			"engine did something impossible.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
-	fs.IntVar(&c.Users, "users", 5000, "number of simulated `users`")
+	fs.IntVar(&c.Users, "users", 5000, "number of simulated users")
 	fs.DurationVar(&c.Duration, "duration", 3*time.Second, "how long the workers run")
 	fs.IntVar(&c.Friends, "friends", 20, "friends per user at the start (directed edges)")
 	fs.IntVar(&c.Subs, "subs", 20, "subscriptions per user at the start")
@@ -77,6 +79,7 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.Grace, "grace", 200*time.Millisecond, "engine DisconnectGrace")
 	fs.IntVar(&c.FeedSize, "feed", 32, "engine FeedSize: pending users per session mailbox (small, so slow readers lose events)")
 	fs.IntVar(&c.ChangeFeed, "change-feed", 1<<16, "engine ChangeFeedSize")
+	fs.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the load phase to `file`")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -92,8 +95,8 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("-friends must be in [0, min(users-1, %d)]", maxFriends)
 	case c.Subs < 0 || c.Subs >= c.Users || c.Subs > maxSubscriptions:
 		return c, fmt.Errorf("-subs must be in [0, min(users-1, %d)]", maxSubscriptions)
-	case c.Workers < 1 || c.Readers < 1:
-		return c, fmt.Errorf("-workers and -readers must be at least 1")
+	case c.Workers < 1 || c.Workers > c.Users || c.Readers < 1:
+		return c, fmt.Errorf("-workers must be in [1, users] and -readers at least 1")
 	case c.Slow < 0 || c.Slow > c.Readers:
 		return c, fmt.Errorf("-slow-readers must be in [0, readers]")
 	case c.LoggedIn < 0 || c.LoggedIn > 1 || c.Silent < 0 || c.Silent > 1:

@@ -1,0 +1,472 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/presencekit/presence"
+)
+
+// Engine limits the simulation stays within (the engine's defaults).
+const (
+	maxFriends       = 3000
+	maxSubscriptions = 200
+	maxSubscribeIDs  = 100
+	maxQueryIDs      = 500
+	maxCustomBytes   = 100
+)
+
+const userPrefix = "u" // simulated users are u00000, u00001, ...; IDs read but never used are "ghost-N"
+
+var deviceIDs = [...]string{"phone", "laptop"}
+
+// simUser is the simulation's model of one user. Each user belongs to one
+// worker, which is the only goroutine that touches it, so the model is exact
+// except for what the engine does by itself (heartbeat timeouts, the end of
+// a disconnect grace).
+type simUser struct {
+	idx     int32
+	id      string
+	devs    [len(deviceIDs)]simDev
+	subs    []int32 // subscription targets, oldest first
+	friends []int32
+}
+
+// simDev is one device of a simUser.
+type simDev struct {
+	loggedIn bool
+	sess     *simSession // the session the simulation has not ended itself; it may have timed out
+}
+
+func (u *simUser) anyLoggedIn() bool {
+	for _, d := range u.devs {
+		if d.loggedIn {
+			return true
+		}
+	}
+	return false
+}
+
+// putSub applies a subscription the way the engine does: a target already
+// present moves to the newest end.
+func (u *simUser) putSub(t int32) {
+	if i := slices.Index(u.subs, t); i >= 0 {
+		u.subs = slices.Delete(u.subs, i, i+1)
+	}
+	u.subs = append(u.subs, t)
+}
+
+func (u *simUser) removeSub(t int32) {
+	if i := slices.Index(u.subs, t); i >= 0 {
+		u.subs = slices.Delete(u.subs, i, i+1)
+	}
+}
+
+// sim is one run: the engine, the population and its model.
+type sim struct {
+	cfg     config
+	e       *presence.Engine
+	users   []*simUser
+	readers []*reader
+	next    atomic.Uint32 // round-robin over readers
+	stop    atomic.Bool   // workers stop when set
+	hbEvery time.Duration // how often a worker heartbeats its devices
+	viol    violations
+}
+
+func (s *sim) id(i int32) string { return s.users[i].id }
+
+// open hands a new session to a reader and returns it.
+func (s *sim) open(ps *presence.Session, user, device string, silent bool) *simSession {
+	ss := &simSession{s: ps, user: user, device: device, silent: silent}
+	s.readers[int(s.next.Add(1))%len(s.readers)].add(ss)
+	return ss
+}
+
+// run builds the engine and the population, runs the workers for
+// cfg.Duration, checks what the engine reports against the model, closes the
+// engine and returns the report. Progress lines go to progress.
+func run(cfg config, progress io.Writer) (*report, error) {
+	var prof *os.File
+	if cfg.CPUProfile != "" {
+		f, err := os.Create(cfg.CPUProfile)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		prof = f
+	}
+	baseline := runtime.NumGoroutine()
+	unlimited := presence.Quota{Calls: -1}
+	e, err := presence.New(presence.Config{
+		StatusQuery:      true,
+		NotifyFriends:    true,
+		HeartbeatTimeout: cfg.HeartbeatTimeout,
+		DisconnectGrace:  cfg.Grace,
+		QueryQuota:       unlimited,
+		SubscribeQuota:   unlimited,
+		UnsubscribeQuota: unlimited,
+		FeedSize:         cfg.FeedSize,
+		ChangeFeedSize:   cfg.ChangeFeed,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &sim{cfg: cfg, e: e, hbEvery: cfg.HeartbeatTimeout / 4}
+	rep := &report{Config: cfg}
+
+	feed := &feedCounter{done: make(chan struct{})}
+	go feed.run(e.Changes(), &s.viol)
+
+	stopReaders := make(chan struct{})
+	var readersWG sync.WaitGroup
+	for i := range cfg.Readers {
+		r := &reader{sim: s, slow: i < cfg.Slow}
+		s.readers = append(s.readers, r)
+		readersWG.Add(1)
+		go func() {
+			defer readersWG.Done()
+			r.run(stopReaders)
+		}()
+	}
+
+	s.users = make([]*simUser, cfg.Users)
+	for i := range s.users {
+		s.users[i] = &simUser{idx: int32(i), id: fmt.Sprintf("%s%05d", userPrefix, i)}
+	}
+	workers := make([]*worker, cfg.Workers)
+	for i := range workers {
+		workers[i] = &worker{
+			sim:  s,
+			e:    e,
+			rng:  rand.New(rand.NewPCG(uint64(cfg.Seed), uint64(i))),
+			seen: make([]uint64, cfg.Users),
+		}
+	}
+	for i, u := range s.users {
+		w := workers[i%len(workers)]
+		w.owned = append(w.owned, u)
+	}
+
+	// The population, built by the workers in parallel.
+	start := time.Now()
+	eachWorker(workers, (*worker).setup)
+	rep.Setup = time.Since(start)
+	st := e.Stats()
+	rep.Population.Users, rep.Population.LoggedIn, rep.Population.Sessions = cfg.Users, st.Users, st.Sessions
+	rep.Population.Friendships, rep.Population.Subscriptions = st.Friendships, st.Subscriptions
+
+	// The load.
+	stopProgress := make(chan struct{})
+	progressDone := make(chan struct{})
+	go s.progress(progress, workers, feed, stopProgress, progressDone)
+	if prof != nil {
+		if err := pprof.StartCPUProfile(prof); err != nil {
+			fmt.Fprintln(progress, "bench: no CPU profile:", err)
+			prof = nil
+		}
+	}
+	start = time.Now()
+	timer := time.AfterFunc(cfg.Duration, func() { s.stop.Store(true) })
+	eachWorker(workers, (*worker).run)
+	timer.Stop()
+	rep.Elapsed = time.Since(start)
+	if prof != nil {
+		pprof.StopCPUProfile()
+	}
+	close(stopProgress)
+	<-progressDone
+
+	close(stopReaders)
+	readersWG.Wait()
+
+	// What the engine says now must match the model.
+	s.checkFinal(workers)
+	rep.Final = e.Stats()
+
+	if err := e.Close(); err != nil {
+		s.viol.add("Close: %v", err)
+	}
+	s.checkClosed(workers)
+	select {
+	case <-feed.done:
+	case <-time.After(2 * time.Second):
+		s.viol.add("change feed not closed 2s after Close")
+	}
+	after := e.Stats() // the event counters are final now
+	rep.Final.Delivered, rep.Final.Coalesced, rep.Final.Lost, rep.Final.ChangesDropped =
+		after.Delivered, after.Coalesced, after.Lost, after.ChangesDropped
+
+	var setupLogins uint64
+	for _, w := range workers {
+		rep.Ops.merge(&w.stats)
+		rep.HeartbeatMiss += w.hbMiss
+		setupLogins += w.setupLogins
+	}
+	rep.Readers.Ended = make(map[presence.Reason]int)
+	for _, r := range s.readers {
+		rs := &r.stats
+		rep.Readers.Events += rs.Events
+		rep.Readers.Drains += rs.Drains
+		rep.Readers.Sessions += rs.Sessions
+		for why, n := range rs.ByReason {
+			rep.Readers.ByReason[why] += n
+		}
+		for why, n := range rs.Ended {
+			rep.Readers.Ended[why] += n
+		}
+	}
+	rep.Changes = make(map[presence.Reason]uint64)
+	for why, n := range feed.byReason {
+		if n > 0 {
+			rep.Changes[presence.Reason(why)] = n
+		}
+	}
+	rep.ChangeTotal = feed.total.Load()
+	s.checkCounters(rep, setupLogins)
+
+	// Every goroutine of the run, and the engine's, must be gone.
+	deadline := time.Now().Add(2 * time.Second)
+	for runtime.NumGoroutine() > baseline && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	rep.GoroutinesLeft = runtime.NumGoroutine() - baseline
+	if rep.GoroutinesLeft > 0 {
+		s.viol.add("%d goroutines still running 2s after Close", rep.GoroutinesLeft)
+	}
+	rep.Violations = s.viol.list()
+	return rep, nil
+}
+
+// eachWorker runs f on every worker in its own goroutine and waits.
+func eachWorker(workers []*worker, f func(*worker)) {
+	var wg sync.WaitGroup
+	for _, w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(w)
+		}()
+	}
+	wg.Wait()
+}
+
+// progress prints one line a second until stop closes.
+func (s *sim) progress(out io.Writer, workers []*worker, feed *feedCounter, stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	start := time.Now()
+	var lastOps uint64
+	last := start
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			var ops, read uint64
+			for _, w := range workers {
+				ops += w.ops.Load()
+			}
+			for _, r := range s.readers {
+				read += r.events.Load()
+			}
+			st := s.e.Stats()
+			fmt.Fprintf(out, "[%4.1fs] %8.0f ops/s  users %d online %d sessions %d  subs %d friends %d  delivered %d coalesced %d lost %d read %d  changes %d  violations %d\n",
+				now.Sub(start).Seconds(), float64(ops-lastOps)/now.Sub(last).Seconds(),
+				st.Users, st.Online, st.Sessions, st.Subscriptions, st.Friendships,
+				st.Delivered, st.Coalesced, st.Lost, read, feed.total.Load(), s.viol.count())
+			lastOps, last = ops, now
+		}
+	}
+}
+
+// checkFinal compares the engine's state with the model once the workers
+// have stopped. Only the engine's own timers still change anything then, and
+// they only take sessions away (timeouts, ends of grace): counts of sessions
+// and online users can only go down while this runs.
+func (s *sim) checkFinal(workers []*worker) {
+	v := &s.viol
+	e := s.e
+	var subs, friends, loggedIn int
+	ids := make([]string, len(s.users))
+	for i, u := range s.users {
+		ids[i] = u.id
+		subs += len(u.subs)
+		friends += len(u.friends)
+		if u.anyLoggedIn() {
+			loggedIn++
+		}
+		got := e.Subscriptions(u.id)
+		if !slices.Equal(got, s.names(u.subs)) {
+			v.add("final: Subscriptions(%s) = %v, the simulation subscribed %v", u.id, got, s.names(u.subs))
+		}
+	}
+	before := e.Stats()
+	all := e.QueryOnlineStatus(ids)
+	after := e.Stats()
+	if len(all) != len(ids) {
+		v.add("final: QueryOnlineStatus returned %d entries for %d IDs", len(all), len(ids))
+		return
+	}
+	var sessions, online int
+	for i, u := range s.users {
+		os := &all[i]
+		if os.UserID != u.id {
+			v.add("final: QueryOnlineStatus entry %d is %q, want %q", i, os.UserID, u.id)
+			continue
+		}
+		if os.Status == presence.Online {
+			online++
+		}
+		var devs []string
+		for _, si := range os.Sessions {
+			devs = append(devs, si.DeviceID)
+			if si.Connected {
+				sessions++
+			}
+		}
+		var want []string
+		for d := range u.devs {
+			if u.devs[d].loggedIn {
+				want = append(want, deviceIDs[d])
+			}
+		}
+		slices.Sort(devs)
+		slices.Sort(want)
+		if !slices.Equal(devs, want) {
+			v.add("final: %s has devices %v logged in, the simulation left %v", u.id, devs, want)
+			continue
+		}
+		if (os.Status == presence.Unlogined) != (len(want) == 0) {
+			v.add("final: %s is %v with devices %v logged in", u.id, os.Status, want)
+		}
+		for _, si := range os.Sessions {
+			d := slices.Index(deviceIDs[:], si.DeviceID)
+			ss := u.devs[d].sess
+			switch {
+			case si.Connected && ss == nil:
+				v.add("final: %s/%s is connected, but the simulation ended its session", u.id, si.DeviceID)
+			case !si.Connected && ss != nil:
+				// Only a timeout can have ended it.
+				workers[int(u.idx)%len(workers)].ended(ss, "final: not connected", false, presence.ReasonTimeout)
+				u.devs[d].sess = nil
+			}
+		}
+	}
+	if before.Users != loggedIn || after.Users != loggedIn {
+		v.add("final: Stats.Users %d then %d, the simulation left %d users logged in", before.Users, after.Users, loggedIn)
+	}
+	if sessions < after.Sessions || sessions > before.Sessions {
+		v.add("final: %d devices connected, but Stats.Sessions went from %d to %d around the count", sessions, before.Sessions, after.Sessions)
+	}
+	if online < after.Online || online > before.Online {
+		v.add("final: %d users online, but Stats.Online went from %d to %d around the count", online, before.Online, after.Online)
+	}
+	if after.Subscriptions != subs {
+		v.add("final: Stats.Subscriptions = %d, the simulation holds %d", after.Subscriptions, subs)
+	}
+	if after.Friendships != friends {
+		v.add("final: Stats.Friendships = %d, the simulation holds %d", after.Friendships, friends)
+	}
+}
+
+// checkClosed checks the engine after Close: sessions ended, calls refused.
+func (s *sim) checkClosed(workers []*worker) {
+	v := &s.viol
+	e := s.e
+	for _, u := range s.users {
+		for d := range u.devs {
+			ss := u.devs[d].sess
+			if ss == nil {
+				continue
+			}
+			select {
+			case <-ss.s.Done():
+				if why := ss.s.EndReason(); why != 0 && why != presence.ReasonTimeout {
+					v.add("after Close: session %s/%s ended with %v", ss.user, ss.device, why)
+				}
+			default:
+				v.add("after Close: session %s/%s has not ended", ss.user, ss.device)
+			}
+			if err := ss.s.Heartbeat(); classify(err) != errClosed {
+				v.add("after Close: Heartbeat of %s/%s returned %v, want ErrClosed", ss.user, ss.device, err)
+			}
+		}
+	}
+	u := s.users[0].id
+	other := s.users[1].id
+	_, err := e.Login(u, "phone")
+	closed := map[string]error{"Login": err}
+	_, closed["GetUserStatus"] = e.GetUserStatus(u, []string{other})
+	_, closed["SubscribeUserStatus"] = e.SubscribeUserStatus(u, []string{other})
+	closed["UnsubscribeUserStatus"] = e.UnsubscribeUserStatus(u, nil)
+	closed["SetSelfStatus"] = e.SetSelfStatus(u, "x")
+	closed["Logout"] = e.Logout(u, "phone")
+	closed["Kick"] = e.Kick(u)
+	closed["AddFriends"] = e.AddFriends(u, other)
+	closed["RemoveFriends"] = e.RemoveFriends(u, other)
+	for op, err := range closed {
+		if classify(err) != errClosed {
+			v.add("after Close: %s returned %v, want ErrClosed", op, err)
+		}
+	}
+	if got := e.Subscriptions(u); got != nil {
+		v.add("after Close: Subscriptions = %v, want nil", got)
+	}
+	if got := e.QueryOnlineStatus([]string{u}); got != nil {
+		v.add("after Close: QueryOnlineStatus = %v, want nil", got)
+	}
+	if err := e.Close(); err != nil {
+		v.add("second Close: %v", err)
+	}
+}
+
+// checkCounters checks that the counters add up once everything has stopped.
+func (s *sim) checkCounters(rep *report, setupLogins uint64) {
+	v := &s.viol
+	f := rep.Final
+	if readable := f.Delivered - f.Coalesced - f.Lost; rep.Readers.Events > readable || f.Coalesced+f.Lost > f.Delivered {
+		v.add("events: readers read %d, but delivered %d - coalesced %d - lost %d leaves %d", rep.Readers.Events,
+			f.Delivered, f.Coalesced, f.Lost, readable)
+	}
+	if f.ChangesDropped > 0 {
+		return // the feed is incomplete; nothing more to compare
+	}
+	ok := func(op opKind) uint64 { return rep.Ops.errs[op][errNone] }
+	c := rep.Changes
+	if got, want := c[presence.ReasonLogin], ok(opLogin)+setupLogins; got != want {
+		v.add("change feed: %d Login records for %d logins", got, want)
+	}
+	if got, want := c[presence.ReasonLogout], ok(opLogout); got != want {
+		v.add("change feed: %d Logout records for %d logouts", got, want)
+	}
+	if got, want := c[presence.ReasonKicked], ok(opKick); got != want {
+		v.add("change feed: %d Kicked records for %d kicks", got, want)
+	}
+	if got, max := c[presence.ReasonCustomStatus], ok(opSetStatus); got > max {
+		v.add("change feed: %d CustomStatus records for %d successful SetSelfStatus calls", got, max)
+	}
+	if got, max := c[presence.ReasonLinkClose], ok(opDisconnect); got > max {
+		v.add("change feed: %d LinkClose records for %d disconnects", got, max)
+	}
+}
+
+func (s *sim) names(idx []int32) []string {
+	if len(idx) == 0 {
+		return nil
+	}
+	out := make([]string, len(idx))
+	for i, t := range idx {
+		out[i] = s.users[t].id
+	}
+	return out
+}
