@@ -269,7 +269,7 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 	sh := e.shardFor(r.UserID)
 	sh.mu.Lock()
 	u := sh.getOrCreateLocked(r.UserID)
-	if u.hasOwnState() {
+	if u.hasOwnState() || u.pins != 0 { // pinned: another worker is restoring the same user
 		sh.mu.Unlock()
 		return bad("user saved twice")
 	}
@@ -326,7 +326,7 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 	if len(targets) > 0 {
 		ed := u.edgesLocked()
 		for _, f := range targets {
-			ed.friends.add(f)
+			ed.friends.addNew(f)
 		}
 		sh.friendships += len(targets)
 	}
@@ -344,10 +344,12 @@ func (e *Engine) linkRestored(id string, u *user, friend bool) *user {
 	t := tsh.getOrCreateLocked(id)
 	// No delivery can run before New returns, so the shard lock alone
 	// guards the index here.
+	// Each record's lists were checked for repeats, and each record comes
+	// once, so every edge here is new.
 	if friend {
-		t.edgesLocked().friendOf.add(u)
+		t.edgesLocked().friendOf.addNew(u)
 	} else {
-		t.edgesLocked().subscribers.add(u)
+		t.edgesLocked().subscribers.addNew(u)
 	}
 	return t
 }

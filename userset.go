@@ -36,9 +36,16 @@ func (s *userSet) has(u *user) bool {
 
 // add inserts u and reports whether it was new.
 func (s *userSet) add(u *user) bool {
-	switch {
-	case s.has(u):
+	if s.has(u) {
 		return false
+	}
+	s.addNew(u)
+	return true
+}
+
+// addNew inserts u, which the caller knows is not a member.
+func (s *userSet) addNew(u *user) {
+	switch {
 	case s.m != nil:
 		s.m[u] = struct{}{}
 	case len(s.list) < smallSet:
@@ -51,7 +58,6 @@ func (s *userSet) add(u *user) bool {
 		s.m[u] = struct{}{}
 		s.list = nil
 	}
-	return true
 }
 
 // remove deletes u and reports whether it was there.
