@@ -1,6 +1,11 @@
 // Command bench runs a load simulation of the presence engine and prints
 // what happened.
 //
+// The engine runs on a bbolt snapshot file (package persist): it restores
+// from it at the start, saves in the background during the run, and the
+// report gives the timings of explicit saves, of Close's final save and of
+// a restore into a fresh engine, which must come back with the same state.
+//
 // For now it is a small simulation: a few thousand users with friends and
 // subscriptions, most of them logged in on one or two devices, and a set of
 // workers that churn through logins, heartbeats, disconnects, logouts, kicks,
@@ -49,6 +54,9 @@ type config struct {
 	FeedSize         int           // engine Config.FeedSize (per-session mailbox)
 	ChangeFeed       int           // engine Config.ChangeFeedSize
 
+	Store         string        // bbolt snapshot file; "" means a temporary file, removed afterwards
+	SnapshotEvery time.Duration // engine Config.SnapshotInterval
+
 	CPUProfile string // write a CPU profile of the load phase here
 }
 
@@ -60,8 +68,8 @@ func parseFlags(args []string) (config, error) {
 			"Runs a small load simulation of the presence engine: users with friends\n"+
 			"and subscriptions, logins, heartbeats, disconnects, logouts, kicks, custom\n"+
 			"status changes, queries and subscription changes for -duration, then prints\n"+
-			"throughput, latency, errors, events and the change feed. Exits 1 if the\n"+
-			"engine did something impossible.\n\nFlags:\n")
+			"throughput, latency, errors, events, the change feed and snapshot timings\n"+
+			"on a bbolt file. Exits 1 if the engine did something impossible.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	fs.IntVar(&c.Users, "users", 5000, "number of simulated users")
@@ -79,6 +87,8 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.Grace, "grace", 200*time.Millisecond, "engine DisconnectGrace")
 	fs.IntVar(&c.FeedSize, "feed", 32, "engine FeedSize: pending users per session mailbox (small, so slow readers lose events)")
 	fs.IntVar(&c.ChangeFeed, "change-feed", 1<<16, "engine ChangeFeedSize")
+	fs.StringVar(&c.Store, "store", "", "bbolt snapshot `file` the engine restores from and saves to (default: a temporary file, removed afterwards)")
+	fs.DurationVar(&c.SnapshotEvery, "snapshot-interval", time.Second, "engine SnapshotInterval: background snapshots during the run")
 	fs.StringVar(&c.CPUProfile, "cpuprofile", "", "write a CPU profile of the load phase to `file`")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -105,6 +115,8 @@ func parseFlags(args []string) (config, error) {
 		return c, fmt.Errorf("-heartbeat-timeout must be at least 100ms and -grace not negative")
 	case c.FeedSize < 1 || c.ChangeFeed < 1:
 		return c, fmt.Errorf("-feed and -change-feed must be at least 1")
+	case c.SnapshotEvery <= 0:
+		return c, fmt.Errorf("-snapshot-interval must be positive")
 	}
 	return c, nil
 }

@@ -228,6 +228,17 @@ type report struct {
 	Final          presence.Stats
 	GoroutinesLeft int // goroutines above the count before the run, after everything stopped
 
+	Snap struct {
+		Path                  string
+		FirstLoad             time.Duration // New, restoring from the (empty) file
+		AfterSetup, AfterLoad time.Duration // explicit Snapshot calls
+		Close                 time.Duration // Close, with its final snapshot
+		Restore               time.Duration // New on the saved file, as after a restart
+		Background            time.Time     // Stats.LastSnapshot before Close
+		FileBytes             int64
+		Restored              presence.Stats
+	}
+
 	Violations []string
 }
 
@@ -275,6 +286,11 @@ func (r *report) print(w io.Writer) {
 	if r.HeartbeatMiss > 0 {
 		fmt.Fprintf(w, "note: %d heartbeating devices timed out anyway (their worker stalled past the timeout)\n", r.HeartbeatMiss)
 	}
+	sn := r.Snap
+	fmt.Fprintf(w, "snapshots (bbolt file %s, %d bytes): save after setup %v, after the load %v, Close with its final save %v; last background save at %s\n",
+		sn.Path, sn.FileBytes, sn.AfterSetup.Round(time.Microsecond), sn.AfterLoad.Round(time.Microsecond), sn.Close.Round(time.Microsecond), sn.Background.Format("15:04:05.000"))
+	fmt.Fprintf(w, "restart: restored %d users, %d online (offline-pending devices), %d subscriptions, %d friendships in %v\n",
+		sn.Restored.Users, sn.Restored.Online, sn.Restored.Subscriptions, sn.Restored.Friendships, sn.Restore.Round(time.Microsecond))
 	fmt.Fprintf(w, "goroutines left after Close: %d\n", r.GoroutinesLeft)
 	if len(r.Violations) == 0 {
 		fmt.Fprintf(w, "\nOK: no violations\n")

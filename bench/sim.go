@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/presencekit/presence"
+	"github.com/presencekit/presence/persist"
 )
 
 // Engine limits the simulation stays within (the engine's defaults).
@@ -105,8 +108,13 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		prof = f
 	}
 	baseline := runtime.NumGoroutine()
+	store, path, cleanup, err := openStore(cfg.Store)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
 	unlimited := presence.Quota{Calls: -1}
-	e, err := presence.New(presence.Config{
+	ecfg := presence.Config{
 		StatusQuery:      true,
 		NotifyFriends:    true,
 		HeartbeatTimeout: cfg.HeartbeatTimeout,
@@ -116,12 +124,23 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		UnsubscribeQuota: unlimited,
 		FeedSize:         cfg.FeedSize,
 		ChangeFeedSize:   cfg.ChangeFeed,
-	})
+		Store:            store,
+		SnapshotInterval: cfg.SnapshotEvery,
+	}
+	start := time.Now()
+	e, err := presence.New(ecfg)
 	if err != nil {
 		return nil, err
 	}
-	s := &sim{cfg: cfg, e: e, hbEvery: cfg.HeartbeatTimeout / 4}
 	rep := &report{Config: cfg}
+	rep.Snap.Path = path
+	rep.Snap.FirstLoad = time.Since(start)
+	if st := e.Stats(); st.Subscriptions+st.Friendships+st.Users > 0 {
+		store.Close()
+		e.Close()
+		return nil, fmt.Errorf("%s already holds a population (%d users, %d subscriptions): name a new -store file", path, st.Users, st.Subscriptions)
+	}
+	s := &sim{cfg: cfg, e: e, hbEvery: cfg.HeartbeatTimeout / 4}
 
 	feed := &feedCounter{done: make(chan struct{})}
 	go feed.run(e.Changes(), &s.viol)
@@ -157,9 +176,10 @@ func run(cfg config, progress io.Writer) (*report, error) {
 	}
 
 	// The population, built by the workers in parallel.
-	start := time.Now()
+	start = time.Now()
 	eachWorker(workers, (*worker).setup)
 	rep.Setup = time.Since(start)
+	rep.Snap.AfterSetup = s.timedSnapshot()
 	st := e.Stats()
 	rep.Population.Users, rep.Population.LoggedIn, rep.Population.Sessions = cfg.Users, st.Users, st.Sessions
 	rep.Population.Friendships, rep.Population.Subscriptions = st.Friendships, st.Subscriptions
@@ -191,10 +211,17 @@ func run(cfg config, progress io.Writer) (*report, error) {
 	// What the engine says now must match the model.
 	s.checkFinal(workers)
 	rep.Final = e.Stats()
+	rep.Snap.AfterLoad = s.timedSnapshot()
+	rep.Snap.Background = rep.Final.LastSnapshot
+	if rep.Final.LastSnapshotErr != nil {
+		s.viol.add("background snapshot failed: %v", rep.Final.LastSnapshotErr)
+	}
 
+	start = time.Now()
 	if err := e.Close(); err != nil {
 		s.viol.add("Close: %v", err)
 	}
+	rep.Snap.Close = time.Since(start)
 	s.checkClosed(workers)
 	select {
 	case <-feed.done:
@@ -232,6 +259,14 @@ func run(cfg config, progress io.Writer) (*report, error) {
 	}
 	rep.ChangeTotal = feed.total.Load()
 	s.checkCounters(rep, setupLogins)
+
+	s.checkRestore(ecfg, rep)
+	if info, err := os.Stat(path); err == nil {
+		rep.Snap.FileBytes = info.Size()
+	}
+	if err := store.Close(); err != nil {
+		s.viol.add("closing the store: %v", err)
+	}
 
 	// Every goroutine of the run, and the engine's, must be gone.
 	deadline := time.Now().Add(2 * time.Second)
@@ -469,4 +504,58 @@ func (s *sim) names(idx []int32) []string {
 		out[i] = s.users[t].id
 	}
 	return out
+}
+
+// openStore opens the snapshot file named by -store, or a new temporary
+// one. cleanup removes the temporary file.
+func openStore(name string) (store *persist.Store, path string, cleanup func(), err error) {
+	cleanup = func() {}
+	path = name
+	if path == "" {
+		dir, err := os.MkdirTemp("", "presence-bench-")
+		if err != nil {
+			return nil, "", nil, err
+		}
+		cleanup = func() { os.RemoveAll(dir) }
+		path = filepath.Join(dir, "presence.db")
+	}
+	store, err = persist.Open(path, nil)
+	if err != nil {
+		cleanup()
+		return nil, "", nil, err
+	}
+	return store, path, cleanup, nil
+}
+
+// timedSnapshot saves a snapshot now and returns how long it took.
+func (s *sim) timedSnapshot() time.Duration {
+	start := time.Now()
+	if err := s.e.Snapshot(context.Background()); err != nil {
+		s.viol.add("Snapshot: %v", err)
+	}
+	return time.Since(start)
+}
+
+// checkRestore restores the file Close saved into a fresh engine, as a
+// restart would, and checks that the population came back whole.
+func (s *sim) checkRestore(cfg presence.Config, rep *report) {
+	start := time.Now()
+	e2, err := presence.New(cfg)
+	rep.Snap.Restore = time.Since(start)
+	if err != nil {
+		s.viol.add("restore: %v", err)
+		return
+	}
+	got, want := e2.Stats(), rep.Final
+	rep.Snap.Restored = got
+	if got.Users != want.Users || got.Subscriptions != want.Subscriptions || got.Friendships != want.Friendships {
+		s.viol.add("restore: %d users, %d subscriptions, %d friendships; saved %d, %d, %d",
+			got.Users, got.Subscriptions, got.Friendships, want.Users, want.Subscriptions, want.Friendships)
+	}
+	if got.Sessions != 0 {
+		s.viol.add("restore: %d sessions, want none until devices log in again", got.Sessions)
+	}
+	if err := e2.Close(); err != nil {
+		s.viol.add("closing the restored engine: %v", err)
+	}
 }
