@@ -10,46 +10,68 @@ import "slices"
 //
 // Nodes live in one slice linked by index and are recycled through a free
 // list, so a fifo that has reached its working size allocates nothing more.
+// A key is found by walking the list while the fifo is small, and through a
+// map built once it passes smallFifo entries: a typical subscription list
+// or mailbox is short, and for it the map would cost more than it saves.
+//
 // The zero value is an empty fifo ready to use. A fifo is not safe for
 // concurrent use; its owner's lock protects it.
 type fifo[K comparable, V any] struct {
-	index map[K]int32
+	index map[K]int32 // key -> node; nil until the fifo first passes smallFifo entries
 	nodes []fifoNode[K, V]
-	head  int32 // oldest node, valid only when len() > 0
-	tail  int32 // newest node, valid only when len() > 0
-	free  int32 // first recycled node, -1 (or 0 with no nodes) when none
+	n     int32 // entries
+	head  int32 // oldest node, valid only when n > 0
+	tail  int32 // newest node, valid only when n > 0
+	free  int32 // first recycled node plus one; 0 when none
 }
 
 type fifoNode[K comparable, V any] struct {
 	key        K
 	val        V
-	prev, next int32 // -1 at either end; next links the free list too
+	prev, next int32 // none at either end; next also links the free list
 }
 
-const none int32 = -1
+const (
+	none      int32 = -1
+	smallFifo       = 16
+)
 
-func (f *fifo[K, V]) len() int { return len(f.index) }
+func (f *fifo[K, V]) len() int { return int(f.n) }
+
+// find returns the node holding k, or none.
+func (f *fifo[K, V]) find(k K) int32 {
+	if f.index != nil {
+		if i, ok := f.index[k]; ok {
+			return i
+		}
+		return none
+	}
+	i := f.head
+	for range f.n {
+		if f.nodes[i].key == k {
+			return i
+		}
+		i = f.nodes[i].next
+	}
+	return none
+}
 
 // get returns the value stored for k.
 func (f *fifo[K, V]) get(k K) (V, bool) {
-	i, ok := f.index[k]
-	if !ok {
-		var zero V
-		return zero, false
+	if i := f.find(k); i != none {
+		return f.nodes[i].val, true
 	}
-	return f.nodes[i].val, true
+	var zero V
+	return zero, false
 }
 
 // has reports whether k is present.
-func (f *fifo[K, V]) has(k K) bool {
-	_, ok := f.index[k]
-	return ok
-}
+func (f *fifo[K, V]) has(k K) bool { return f.find(k) != none }
 
 // put stores v for k as the newest entry, moving k there if it was present.
 // It reports whether k was present before.
 func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
-	if i, ok := f.index[k]; ok {
+	if i := f.find(k); i != none {
 		f.nodes[i].val = v
 		if i != f.tail {
 			f.unlink(i)
@@ -57,68 +79,76 @@ func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
 		}
 		return true
 	}
-	if f.index == nil {
-		f.index = make(map[K]int32)
-		f.free = none
-	}
 	var i int32
-	if f.free != none {
-		i = f.free
+	if f.free != 0 {
+		i = f.free - 1
 		f.free = f.nodes[i].next
 	} else {
 		f.nodes = append(f.nodes, fifoNode[K, V]{})
 		i = int32(len(f.nodes) - 1)
 	}
 	f.nodes[i].key, f.nodes[i].val = k, v
-	f.index[k] = i
+	f.n++
 	f.linkNewest(i)
+	switch {
+	case f.index != nil:
+		f.index[k] = i
+	case f.n > smallFifo:
+		f.index = make(map[K]int32, 2*f.n)
+		for j := f.head; j != none; j = f.nodes[j].next {
+			f.index[f.nodes[j].key] = j
+		}
+	}
 	return false
 }
 
 // grow makes room for n more entries ahead of time.
 func (f *fifo[K, V]) grow(n int) {
-	if f.index == nil {
-		f.index = make(map[K]int32, n)
-		f.free = none
-	}
 	f.nodes = slices.Grow(f.nodes, n)
 }
 
 // popOldest removes and returns the oldest entry.
 func (f *fifo[K, V]) popOldest() (K, V, bool) {
-	if f.len() == 0 {
+	if f.n == 0 {
 		var k K
 		var v V
 		return k, v, false
 	}
-	n := f.nodes[f.head]
-	f.remove(n.key)
-	return n.key, n.val, true
+	i := f.head
+	k, v := f.nodes[i].key, f.nodes[i].val
+	f.removeNode(i)
+	return k, v, true
 }
 
 // remove deletes k and reports whether it was present.
 func (f *fifo[K, V]) remove(k K) bool {
-	i, ok := f.index[k]
-	if !ok {
+	i := f.find(k)
+	if i == none {
 		return false
 	}
-	delete(f.index, k)
-	f.unlink(i)
-	f.nodes[i] = fifoNode[K, V]{next: f.free}
-	f.free = i
+	f.removeNode(i)
 	return true
+}
+
+func (f *fifo[K, V]) removeNode(i int32) {
+	if f.index != nil {
+		delete(f.index, f.nodes[i].key)
+	}
+	f.unlink(i)
+	f.n--
+	f.nodes[i] = fifoNode[K, V]{next: f.free}
+	f.free = i + 1
 }
 
 // each calls fn for every entry from oldest to newest until fn returns false.
 // fn must not change the fifo.
 func (f *fifo[K, V]) each(fn func(K, V) bool) {
-	if f.len() == 0 {
-		return
-	}
-	for i := f.head; i != none; i = f.nodes[i].next {
+	i := f.head
+	for range f.n {
 		if !fn(f.nodes[i].key, f.nodes[i].val) {
 			return
 		}
+		i = f.nodes[i].next
 	}
 }
 
@@ -127,7 +157,7 @@ func (f *fifo[K, V]) reset() {
 	clear(f.index)
 	clear(f.nodes)
 	f.nodes = f.nodes[:0]
-	f.free = none
+	f.n, f.free = 0, 0
 }
 
 func (f *fifo[K, V]) unlink(i int32) {
@@ -144,12 +174,12 @@ func (f *fifo[K, V]) unlink(i int32) {
 	}
 }
 
-// linkNewest appends node i at the newest end. The fifo's length already
-// counts i, so a length of one means i is the only node.
+// linkNewest appends node i at the newest end. The count already includes
+// i, so a count of one means i is the only node.
 func (f *fifo[K, V]) linkNewest(i int32) {
 	n := &f.nodes[i]
 	n.next = none
-	if len(f.index) == 1 {
+	if f.n == 1 {
 		n.prev = none
 		f.head, f.tail = i, i
 		return

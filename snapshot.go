@@ -62,39 +62,75 @@ const batchUsers = 256
 
 // records streams every user with state of its own, a batch at a time. Each
 // shard is visited twice under its lock: once to list its records, then in
-// batches to copy them, so no lock is held while the Store writes.
+// batches to copy them, so no lock is held while the Store writes. The copy
+// runs one batch ahead in a goroutine of its own: copying is bound by memory
+// latency, the Store's encoding and writing by the file, so the two overlap.
+// Two batches exist at a time, never more.
 func (e *Engine) records(ctx context.Context) iter.Seq2[[]Record, error] {
 	return func(yield func([]Record, error) bool) {
-		var users []*user
-		batch := make([]Record, 0, batchUsers)
-		for i := range e.shards {
-			sh := &e.shards[i]
-			users = users[:0]
+		full := make(chan []Record)     // copied batches, to the consumer
+		empty := make(chan []Record, 2) // batches the consumer is done with
+		empty <- make([]Record, 0, batchUsers)
+		empty <- make([]Record, 0, batchUsers)
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			defer close(full)
+			e.copyRecords(ctx, empty, full, stop)
+		}()
+		defer func() { close(stop); <-done }()
+		for batch := range full {
+			if !yield(batch, nil) {
+				return
+			}
+			empty <- batch
+		}
+		if err := ctx.Err(); err != nil {
+			yield(nil, err)
+		}
+	}
+}
+
+// copyRecords fills batches taken from empty and sends them on full, until
+// every shard is copied, ctx ends or stop closes.
+func (e *Engine) copyRecords(ctx context.Context, empty <-chan []Record, full chan<- []Record, stop <-chan struct{}) {
+	var users []*user
+	for i := range e.shards {
+		sh := &e.shards[i]
+		users = users[:0]
+		sh.mu.Lock()
+		for _, u := range sh.users {
+			if u.hasOwnState() {
+				users = append(users, u)
+			}
+		}
+		sh.mu.Unlock()
+		for len(users) > 0 {
+			if ctx.Err() != nil {
+				return
+			}
+			var batch []Record
+			select {
+			case batch = <-empty:
+			case <-stop:
+				return
+			}
+			n := min(batchUsers, len(users))
+			batch = batch[:0]
 			sh.mu.Lock()
-			for _, u := range sh.users {
-				if u.hasOwnState() {
-					users = append(users, u)
+			for _, u := range users[:n] {
+				if sh.users[u.id] == u && u.hasOwnState() {
+					batch = batch[:len(batch)+1]
+					u.recordLocked(&batch[len(batch)-1])
 				}
 			}
 			sh.mu.Unlock()
-			for len(users) > 0 {
-				if err := ctx.Err(); err != nil {
-					yield(nil, err)
-					return
-				}
-				n := min(batchUsers, len(users))
-				batch = batch[:0]
-				sh.mu.Lock()
-				for _, u := range users[:n] {
-					if sh.users[u.id] == u && u.hasOwnState() {
-						batch = append(batch, u.recordLocked())
-					}
-				}
-				sh.mu.Unlock()
-				users = users[n:]
-				if len(batch) > 0 && !yield(batch, nil) {
-					return
-				}
+			users = users[n:]
+			select {
+			case full <- batch:
+			case <-stop:
+				return
 			}
 		}
 	}
@@ -110,37 +146,31 @@ func (u *user) hasOwnState() bool {
 	return ed != nil && (ed.subs.len() > 0 || ed.friends.len() > 0)
 }
 
-// recordLocked copies u into a Record. The strings are shared, not copied:
-// the record's strings never change.
-func (u *user) recordLocked() Record {
-	r := Record{UserID: u.id, Custom: u.custom, Version: u.version}
+// recordLocked copies u into r, reusing r's slices: a batch's records are
+// refilled for every batch. The strings are shared, not copied: a record's
+// strings never change.
+func (u *user) recordLocked(r *Record) {
+	*r = Record{
+		UserID: u.id, Custom: u.custom, Version: u.version,
+		Devices: r.Devices[:0], Subscriptions: r.Subscriptions[:0], Friends: r.Friends[:0],
+	}
 	if u.idleSince != 0 {
 		r.IdleSince = time.Unix(0, u.idleSince)
 	}
-	if len(u.devices) > 0 {
-		r.Devices = make([]DeviceRecord, len(u.devices))
-		for i, d := range u.devices {
-			r.Devices[i] = DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)}
-		}
+	for _, d := range u.devices {
+		r.Devices = append(r.Devices, DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)})
 	}
 	ed := u.edges.Load()
 	if ed == nil {
-		return r
+		return
 	}
-	if n := ed.subs.len(); n > 0 {
-		r.Subscriptions = make([]string, 0, n)
-		ed.subs.each(func(t *user, _ struct{}) bool {
-			r.Subscriptions = append(r.Subscriptions, t.id)
-			return true
-		})
+	ed.subs.each(func(t *user, _ struct{}) bool {
+		r.Subscriptions = append(r.Subscriptions, t.id)
+		return true
+	})
+	for f := range ed.friends.all() {
+		r.Friends = append(r.Friends, f.id)
 	}
-	if n := ed.friends.len(); n > 0 {
-		r.Friends = make([]string, 0, n)
-		for f := range ed.friends.all() {
-			r.Friends = append(r.Friends, f.id)
-		}
-	}
-	return r
 }
 
 // Snapshot saves the engine's state to Config.Store now and waits for it.

@@ -48,6 +48,9 @@ func (s *userSet) addNew(u *user) {
 	switch {
 	case s.m != nil:
 		s.m[u] = struct{}{}
+	case s.list == nil:
+		s.list = make([]*user, 1, 4) // skip append's first doublings
+		s.list[0] = u
 	case len(s.list) < smallSet:
 		s.list = append(s.list, u)
 	default:

@@ -51,8 +51,14 @@ type Options struct {
 	// ChunkBytes is the size of the chunks records are grouped into. 0 means 256 KiB.
 	ChunkBytes int
 	// TxBytes is how much a write transaction holds before it commits; it
-	// bounds the memory a Save uses. 0 means 16 MiB.
+	// bounds the memory a Save uses. 0 means 32 MiB.
 	TxBytes int
+	// MmapBytes is the address space mapped for the file up front. bbolt
+	// copies every page a transaction has touched whenever it has to grow
+	// its mapping, so a mapping that already fits the file saves that copy
+	// on every commit of a large snapshot. It reserves address space, not
+	// memory. 0 means 1 GiB.
+	MmapBytes int
 }
 
 // Store is a presence.Store on a bbolt file. It is safe for concurrent use,
@@ -76,7 +82,7 @@ func Open(path string, opts *Options) (s *Store, err error) {
 	if opts != nil {
 		o = *opts
 	}
-	if o.LockTimeout < 0 || o.ChunkBytes < 0 || o.TxBytes < 0 {
+	if o.LockTimeout < 0 || o.ChunkBytes < 0 || o.TxBytes < 0 || o.MmapBytes < 0 {
 		return nil, fmt.Errorf("persist: negative Options value in %+v", o)
 	}
 	if o.LockTimeout == 0 {
@@ -86,14 +92,17 @@ func Open(path string, opts *Options) (s *Store, err error) {
 		o.ChunkBytes = 256 << 10
 	}
 	if o.TxBytes == 0 {
-		o.TxBytes = 16 << 20
+		o.TxBytes = 32 << 20
+	}
+	if o.MmapBytes == 0 {
+		o.MmapBytes = 1 << 30
 	}
 	defer guardFaults()()
 	defer recoverInto(&err, "open "+path)
 	if err := checkLength(path); err != nil {
 		return nil, err
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout})
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: o.LockTimeout, InitialMmapSize: o.MmapBytes})
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("persist: %s is locked by another process (waited %v)", path, o.LockTimeout)
 	}
