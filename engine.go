@@ -39,7 +39,8 @@
 // restores the saved state, a snapshot is saved every
 // Config.SnapshotInterval and on Close, and Snapshot saves one on demand.
 // Saving and loading stream: the state is never held twice in memory, and a
-// writer waits at most for the copy of one small batch of users. Devices
+// writer waits at most while one shard's records are listed or 256 of them
+// copied (a shard holds about 4000 users at a million). Devices
 // that were online when saved come back offline-pending: the user keeps its
 // status and custom text until Config.HeartbeatTimeout passes without the
 // device logging in again, so a quick restart goes unnoticed by watchers.
@@ -55,6 +56,7 @@ package presence
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"hash/maphash"
 	"runtime"
@@ -275,11 +277,13 @@ func (c Config) withDefaults() (Config, error) {
 	return c, nil
 }
 
-// autoShards picks enough shards that lock contention stays rare: four per
-// available CPU, rounded up to a power of two, at least 16.
+// autoShards picks enough shards that lock contention stays rare and that
+// a snapshot, which lists one shard's records under its lock, holds it only
+// briefly (about 4000 users a shard at a million users): 256, or 16 per
+// available CPU if that is more, rounded up to a power of two.
 func autoShards() int {
-	n := 16
-	for n < 4*runtime.GOMAXPROCS(0) {
+	n := 256
+	for n < 16*runtime.GOMAXPROCS(0) {
 		n <<= 1
 	}
 	return n
@@ -296,9 +300,10 @@ type Engine struct {
 
 	query, subscribe, unsubscribe *quota
 
-	closed atomic.Bool
-	stop   chan struct{}
-	wg     sync.WaitGroup
+	closed    atomic.Bool
+	closeOnce sync.Once
+	stop      chan struct{}
+	wg        sync.WaitGroup
 
 	delivered, coalesced, lost atomic.Uint64
 
@@ -335,10 +340,11 @@ func New(cfg Config) (*Engine, error) {
 		mask:   uint64(cfg.Shards - 1),
 		stop:   make(chan struct{}),
 	}
+	e.wheel = newWheel(e.now(), tick)
 	for i := range e.shards {
 		e.shards[i].users = make(map[string]*user)
+		e.shards[i].wheel = e.wheel
 	}
-	e.wheel = newWheel(e.now(), tick)
 	e.query = newQuota(cfg.QueryQuota, cfg.Shards, e.wheel)
 	e.subscribe = newQuota(cfg.SubscribeQuota, cfg.Shards, e.wheel)
 	e.unsubscribe = newQuota(cfg.UnsubscribeQuota, cfg.Shards, e.wheel)
@@ -393,11 +399,23 @@ func (e *Engine) run() {
 // Config.Store if one is set (devices still online are saved as such, so a
 // quick restart is invisible), ends every session (Done closes, EndReason
 // 0) and closes the change feed. It returns the final snapshot's error.
-// Later calls of any method return ErrClosed; a second Close returns nil.
+// Later calls of any method return ErrClosed. A Close made while another
+// is running waits for it to finish, then returns nil.
 func (e *Engine) Close() error {
-	if !e.closed.CompareAndSwap(false, true) {
+	err := errAlreadyClosed
+	e.closeOnce.Do(func() { err = e.close() })
+	if err == errAlreadyClosed {
 		return nil
 	}
+	return err
+}
+
+// errAlreadyClosed tells Close's callers apart: only the first one reports
+// the final snapshot's error; the others wait for it to finish and get nil.
+var errAlreadyClosed = errors.New("already closed")
+
+func (e *Engine) close() error {
+	e.closed.Store(true)
 	close(e.stop)
 	if e.stopSnapshots != nil {
 		e.stopSnapshots()
@@ -405,7 +423,7 @@ func (e *Engine) Close() error {
 	e.wg.Wait()
 	var err error
 	if e.cfg.Store != nil {
-		err = e.save(context.Background())
+		err = e.save(context.Background(), true)
 	}
 	var ended []*Session
 	for i := range e.shards {
@@ -479,17 +497,25 @@ func (e *Engine) Changes() <-chan Change {
 // checkID validates a user or device ID: non-empty, at most MaxIDBytes,
 // valid UTF-8, no control characters.
 func (e *Engine) checkID(op, what, id string) error {
-	switch {
-	case id == "":
-		return newError(ErrInvalidParam, op, what+" is empty")
-	case len(id) > e.cfg.MaxIDBytes:
-		return newError(ErrInvalidParam, op, fmt.Sprintf("%s %.32q... is %d bytes, over the limit of %d", what, id, len(id), e.cfg.MaxIDBytes))
-	case !utf8.ValidString(id):
-		return newError(ErrInvalidParam, op, fmt.Sprintf("%s %q is not valid UTF-8", what, id))
-	case strings.IndexFunc(id, unicode.IsControl) >= 0:
-		return newError(ErrInvalidParam, op, fmt.Sprintf("%s %q contains a control character", what, id))
+	if problem := idProblem(id, e.cfg.MaxIDBytes); problem != "" {
+		return newError(ErrInvalidParam, op, what+" "+problem)
 	}
 	return nil
+}
+
+// idProblem says what is wrong with id, or returns "" if nothing is.
+func idProblem(id string, maxBytes int) string {
+	switch {
+	case id == "":
+		return "is empty"
+	case len(id) > maxBytes:
+		return fmt.Sprintf("%.32q... is %d bytes, over the limit of %d", id, len(id), maxBytes)
+	case !utf8.ValidString(id):
+		return fmt.Sprintf("%q is not valid UTF-8", id)
+	case strings.IndexFunc(id, unicode.IsControl) >= 0:
+		return fmt.Sprintf("%q contains a control character", id)
+	}
+	return ""
 }
 
 // checkIDs validates a list of IDs: at least one, at most max, each valid.

@@ -41,8 +41,10 @@ func (e *Error) Is(target error) bool {
 	return e == t || (e.kind != nil && e.kind == t)
 }
 
-// Sentinel errors. Every error the engine returns matches exactly one of these
-// under errors.Is.
+// Sentinel errors. Every error returned by a call about users, devices,
+// sessions or subscriptions matches exactly one of these under errors.Is.
+// The rest are plain errors: New's for an impossible Config or a failed
+// restore, the Store's from Snapshot and Close, and ctx.Err() from Next.
 var (
 	// ErrFeatureDisabled (72001): Config.StatusQuery is off and the call needs it.
 	ErrFeatureDisabled = &Error{Code: 72001, Msg: "status query feature not enabled"}

@@ -101,8 +101,8 @@ func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
 		return fmt.Errorf("record %q filed under %q or in the wrong shard", u.id, id)
 	case u.pins != 0:
 		return fmt.Errorf("%s: %d pins left", id, u.pins)
-	case u.emptyLocked():
-		return fmt.Errorf("%s: empty record not dropped", id)
+	case u.emptyLocked() && (u.timerAt == 0 || e.wheel.fired(u.timerAt)):
+		return fmt.Errorf("%s: empty record with no wheel entry not dropped", id)
 	case u.status != u.deriveStatus():
 		return fmt.Errorf("%s: status %v, devices say %v", id, u.status, u.deriveStatus())
 	case u.status != Online && u.custom != "":
@@ -142,7 +142,8 @@ func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
 		return fmt.Errorf("%s: published sessions %d, devices hold %d", id, len(got), len(want))
 	}
 	if at := e.nextDeadline(u); at != 0 {
-		slot := min(e.wheel.slotFor(time.Unix(0, at)), e.wheel.done.Load()+int64(horizon/e.wheel.tick))
+		done := e.wheel.done.Load()
+		slot := max(min(e.wheel.slotFor(time.Unix(0, at)), done+int64(horizon/e.wheel.tick)), done+1) // as scheduleLocked and schedule place it
 		if u.timerAt == 0 || e.wheel.fired(u.timerAt) || u.timerAt > slot {
 			return fmt.Errorf("%s: deadline at slot %d but wheel entry at %d", id, slot, u.timerAt)
 		}

@@ -19,7 +19,8 @@ import (
 // A Session ends when its device disconnects, times out, logs out, is kicked,
 // logs in again elsewhere (a new Session replaces it) or the engine closes:
 // Done is then closed and Heartbeat, Disconnect and Logout return
-// ErrSessionEnded. Events still pending when it ends can be drained.
+// ErrSessionEnded (ErrClosed once the engine is closed). Events still
+// pending when it ends can be drained.
 //
 // All methods are safe for concurrent use.
 type Session struct {
@@ -73,10 +74,19 @@ func (s *Session) Drain(dst []Event) []Event {
 		dst = append(dst, ev)
 		return true
 	})
-	s.box.reset()
+	if cap(s.box.nodes) > keptMailbox {
+		s.box = fifo[string, Event]{} // after a burst, give the memory back
+	} else {
+		s.box.reset()
+	}
 	s.mu.Unlock()
 	return dst
 }
+
+// keptMailbox is how many entries' worth of memory an empty mailbox keeps
+// for reuse: enough for the usual trickle of events without allocating,
+// little enough that a million idle sessions stay small.
+const keptMailbox = 16
 
 // Next returns the oldest pending event, waiting for one if none is pending.
 // It returns ErrSessionEnded once the session has ended and nothing is left
@@ -102,6 +112,9 @@ func (s *Session) Next(ctx context.Context) (Event, error) {
 func (s *Session) pop() (Event, bool) {
 	s.mu.Lock()
 	_, ev, ok := s.box.popOldest()
+	if s.box.len() == 0 && cap(s.box.nodes) > keptMailbox {
+		s.box = fifo[string, Event]{}
+	}
 	s.mu.Unlock()
 	return ev, ok
 }

@@ -17,7 +17,8 @@ import (
 // needs a second full copy of the state in memory.
 //
 // The engine calls Save and Load from one goroutine at a time and never
-// while holding a lock of its own.
+// while holding a lock that guards its state (only the one that keeps two
+// snapshots from overlapping).
 type Store interface {
 	// Save replaces the stored state with the records that records yields,
 	// in batches. The replacement must be atomic: after a crash at any
@@ -175,21 +176,28 @@ func (u *user) recordLocked(r *Record) {
 
 // Snapshot saves the engine's state to Config.Store now and waits for it.
 // Only one snapshot runs at a time; a call made during another waits for it.
-// Writers are held up at most for the copy of one small batch of users.
+// A writer is held up at most while its shard's records are listed, or 256
+// of them copied.
 // Without a Store it returns an error.
 func (e *Engine) Snapshot(ctx context.Context) error {
 	if e.closed.Load() {
 		return closedError("Snapshot")
 	}
-	return e.save(ctx)
+	return e.save(ctx, false)
 }
 
-func (e *Engine) save(ctx context.Context) error {
+// save writes a snapshot; final marks Close's own, the only one allowed
+// once the engine is closed: a Snapshot call that was waiting for snapMu
+// must not overwrite it with the state Close leaves behind.
+func (e *Engine) save(ctx context.Context, final bool) error {
 	if e.cfg.Store == nil {
 		return errNoStore
 	}
 	e.snapMu.Lock()
 	defer e.snapMu.Unlock()
+	if !final && e.closed.Load() {
+		return closedError("Snapshot")
+	}
 	err := ctx.Err()
 	if err == nil {
 		err = e.cfg.Store.Save(ctx, e.records(ctx))
@@ -217,7 +225,7 @@ func (e *Engine) snapshotLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			_ = e.save(ctx)
+			_ = e.save(ctx, false)
 		}
 	}
 }
@@ -267,29 +275,36 @@ func (e *Engine) restore(ctx context.Context) error {
 
 var errRecord = errors.New("invalid record")
 
+// maxStoredID bounds the IDs a restore accepts, whatever Config.MaxIDBytes
+// is now: anything longer is damage, not a limit that was lowered.
+const maxStoredID = 1 << 16
+
 // restoreRecord validates one record and adds it. The engine is not shared
 // yet, but the locks are taken as usual so the helpers' rules hold.
 func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w for user %q: %s", errRecord, r.UserID, fmt.Sprintf(format, args...))
 	}
-	if err := e.checkID("restore", "user ID", r.UserID); err != nil {
-		return bad("%v", err)
+	// Structure is checked, not today's Config limits: a host that lowers
+	// MaxIDBytes or MaxCustomStatusBytes must still be able to start. The
+	// limits apply to what is set from now on.
+	if problem := idProblem(r.UserID, maxStoredID); problem != "" {
+		return bad("user ID %s", problem)
 	}
-	if len(r.Custom) > e.cfg.MaxCustomStatusBytes || !utf8.ValidString(r.Custom) {
-		return bad("custom status not valid UTF-8 within %d bytes", e.cfg.MaxCustomStatusBytes)
+	if !utf8.ValidString(r.Custom) {
+		return bad("custom status is not valid UTF-8")
 	}
 	seen := make(map[string]bool, len(r.Devices)+len(r.Subscriptions)+len(r.Friends))
 	for _, d := range r.Devices {
-		if err := e.checkID("restore", "device ID", d.DeviceID); err != nil || seen[d.DeviceID] {
-			return bad("device %q invalid or repeated", d.DeviceID)
+		if problem := idProblem(d.DeviceID, maxStoredID); problem != "" || seen[d.DeviceID] {
+			return bad("device ID %q invalid or repeated", d.DeviceID)
 		}
 		seen[d.DeviceID] = true
 	}
 	for _, list := range [][]string{r.Subscriptions, r.Friends} {
 		clear(seen)
 		for _, id := range list {
-			if err := e.checkID("restore", "user ID", id); err != nil || id == r.UserID || seen[id] {
+			if problem := idProblem(id, maxStoredID); problem != "" || id == r.UserID || seen[id] {
 				return bad("edge to %q invalid, repeated or to itself", id)
 			}
 			seen[id] = true

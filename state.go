@@ -15,6 +15,8 @@ type shard struct {
 	// Counters for Stats, kept as records change so Stats never scans.
 	loggedIn, online, sessions, subscriptions, friendships int
 
+	wheel *wheel // the engine's, to tell whether a record still has a pending entry
+
 	// edgeMu serializes changes to the outgoing edges (subscription lists and
 	// friend lists) of this shard's users. Such a change touches records in
 	// other shards one lock at a time; holding edgeMu throughout keeps two of
@@ -191,8 +193,14 @@ func (sh *shard) getOrCreateLocked(id string) *user {
 // last change may still be under way: fanMu is then held, and the record
 // stays until that delivery's own check. Every fanMu holder took it under
 // this shard's lock, so TryLock succeeding here means none is in flight.
+//
+// A record with an entry still on the wheel stays too, until that entry
+// fires: the wheel cannot cancel it, and dropping the record would leave the
+// entry holding a dead record while a new one scheduled entries of its own,
+// so a user logging in and out in a loop would grow the wheel without
+// bound. Kept, the record is reused, entry and all.
 func (sh *shard) dropIfEmptyLocked(u *user) {
-	if !u.emptyLocked() || sh.users[u.id] != u {
+	if !u.emptyLocked() || sh.users[u.id] != u || (u.timerAt != 0 && !sh.wheel.fired(u.timerAt)) {
 		return
 	}
 	if u.fanMu.TryLock() {
@@ -320,13 +328,24 @@ func (e *Engine) finish(sh *shard, c *change) {
 func (e *Engine) fanOut(u *user, ev *Event) {
 	var t tally
 	t.toUser(u, ev)
+	// The sets are walked by hand rather than with userSet.all: an iterator's
+	// closures would make this path allocate.
 	if ed := u.edges.Load(); ed != nil {
-		for w := range ed.subscribers.all() {
+		subs := &ed.subscribers
+		for _, w := range subs.list {
+			t.toUser(w, ev)
+		}
+		for w := range subs.m {
 			t.toUser(w, ev)
 		}
 		if e.cfg.NotifyFriends {
-			for w := range ed.friendOf.all() {
-				if !ed.subscribers.has(w) {
+			for _, w := range ed.friendOf.list {
+				if !subs.has(w) {
+					t.toUser(w, ev)
+				}
+			}
+			for w := range ed.friendOf.m {
+				if !subs.has(w) {
 					t.toUser(w, ev)
 				}
 			}
@@ -424,6 +443,7 @@ func (u *user) expire(e *Engine, now time.Time) {
 			ttl := u.subCount() > 0 && u.status != Online &&
 				now.UnixNano() >= u.idleSince+int64(e.cfg.SubscriptionTTL)
 			e.scheduleLocked(u)
+			sh.dropIfEmptyLocked(u) // kept only for its wheel entry, which this was
 			sh.mu.Unlock()
 			if ttl {
 				e.clearIdleSubscriptions(u.id, now)

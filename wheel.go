@@ -18,7 +18,8 @@ type expirer interface {
 // wheel holds every pending deadline of the engine in one structure: slots of
 // one tick each, keyed by tick number since the engine started, in a map so
 // that only the ticks that have work take memory. Scheduling and firing cost
-// O(1) per entry, so the work grows with what expires, not with what exists.
+// O(1) per entry, so the work grows with what expires, not with what exists
+// (but for far deadlines, which wait in steps of an hour: see scheduleLocked).
 //
 // Entries are never cancelled: an owner whose deadline moves later leaves its
 // entry in place and re-checks when it fires. That keeps Heartbeat, the most
@@ -32,13 +33,17 @@ type wheel struct {
 	done  atomic.Int64        // last tick whose slot has been taken; written under mu
 }
 
+// newWheel starts a wheel at base. It works on wall-clock time throughout,
+// like the deadlines it holds (unix times, so they survive a snapshot): mixing
+// in the monotonic clock would make a step of the wall clock look like a
+// deadline that is due but never reached.
 func newWheel(base time.Time, tick time.Duration) *wheel {
-	return &wheel{base: base, tick: tick, slots: make(map[int64][]expirer)}
+	return &wheel{base: base.Round(0), tick: tick, slots: make(map[int64][]expirer)}
 }
 
 // slotFor returns the first tick at or after t.
 func (w *wheel) slotFor(t time.Time) int64 {
-	d := t.Sub(w.base)
+	d := t.Round(0).Sub(w.base)
 	n := int64(d / w.tick)
 	if d%w.tick > 0 {
 		n++
@@ -62,7 +67,7 @@ func (w *wheel) schedule(slot int64, x expirer) int64 {
 // due removes and returns every entry whose tick has been reached at now,
 // appending to buf.
 func (w *wheel) due(now time.Time, buf []expirer) []expirer {
-	upto := int64(now.Sub(w.base) / w.tick)
+	upto := int64(now.Round(0).Sub(w.base) / w.tick)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	done := w.done.Load()

@@ -203,3 +203,39 @@ func TestFailedSnapshotIsReported(t *testing.T) {
 		t.Error("Close reported no error for its failed final snapshot")
 	}
 }
+
+// Lowering a limit between restarts must not keep the engine from starting:
+// what was saved under the old limits comes back, and the new limits apply
+// to what is set from then on.
+func TestRestoreAfterLoweringLimits(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "presence.db")
+	store := open(t, path)
+	defer store.Close()
+	long := strings.Repeat("x", 60)
+	e, err := presence.New(presence.Config{Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Login(long, "phone"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.SetSelfStatus(long, strings.Repeat("busy ", 12)); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	e, err = presence.New(presence.Config{Store: store, MaxIDBytes: 16, MaxCustomStatusBytes: 20})
+	if err != nil {
+		t.Fatalf("restart with lower limits: %v", err)
+	}
+	defer e.Close()
+	st := e.QueryOnlineStatus([]string{long})
+	if st[0].Status != presence.Unknown { // the ID is over today's limit, so queries refuse it...
+		t.Errorf("query of an ID over the new limit: %+v", st[0])
+	}
+	if got := e.Stats(); got.Users != 1 || got.Online != 1 { // ...but the user came back
+		t.Errorf("after the restart: %+v, want the saved user back", got)
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"iter"
 	"os"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/presencekit/presence"
@@ -61,13 +62,15 @@ type Options struct {
 	MmapBytes int
 }
 
-// Store is a presence.Store on a bbolt file. It is safe for concurrent use,
-// but the engine saves and loads from one goroutine at a time anyway.
+// Store is a presence.Store on a bbolt file. It is safe for concurrent use:
+// saves run one at a time, and a load reads the snapshot that was current
+// when it began.
 type Store struct {
-	db    *bolt.DB
-	path  string
-	chunk int
-	tx    int
+	saveMu sync.Mutex // one Save at a time: each deletes the buckets a crash left behind
+	db     *bolt.DB
+	path   string
+	chunk  int
+	tx     int
 }
 
 var _ presence.Store = (*Store)(nil)
@@ -109,9 +112,17 @@ func Open(path string, opts *Options) (s *Store, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("persist: open %s: %w", path, err)
 	}
+	defer func() {
+		if r := recover(); r != nil {
+			db.Close()
+			panic(r) // on to recoverInto, deferred earlier
+		}
+		if err != nil {
+			db.Close()
+		}
+	}()
 	s = &Store{db: db, path: path, chunk: o.ChunkBytes, tx: o.TxBytes}
 	if err := s.checkFormat(); err != nil {
-		db.Close()
 		return nil, err
 	}
 	return s, nil
@@ -152,6 +163,8 @@ func (s *Store) Close() error { return s.db.Close() }
 // Save writes a new snapshot from records and makes it current in its last
 // transaction. See presence.Store.
 func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, error]) (err error) {
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
 	defer guardFaults()()
 	defer recoverInto(&err, "save to "+s.path)
 	name, err := s.begin()
