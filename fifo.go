@@ -31,10 +31,11 @@ type fifoNode[K comparable, V any] struct {
 	prev, next int32 // none at either end; next also links the free list
 }
 
-const (
-	none      int32 = -1
-	smallFifo       = 16
-)
+// none marks the end of a list of nodes.
+const none int32 = -1
+
+// smallFifo is the size past which a fifo indexes its keys in a map.
+const smallFifo = 16
 
 func (f *fifo[K, V]) len() int { return int(f.n) }
 
