@@ -505,6 +505,9 @@ func (e *Engine) checkID(op, what, id string) error {
 
 // idProblem says what is wrong with id, or returns "" if nothing is.
 func idProblem(id string, maxBytes int) string {
+	if id != "" && len(id) <= maxBytes && printableASCII(id) {
+		return "" // the usual case, without decoding runes
+	}
 	switch {
 	case id == "":
 		return "is empty"
@@ -815,6 +818,16 @@ func (e *Engine) Stats() Stats {
 	st.LastSnapshot, st.LastSnapshotErr = e.lastSnapshot, e.lastSnapshotErr
 	e.snapStat.Unlock()
 	return st
+}
+
+// printableASCII reports whether s is all ASCII without control characters.
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // cloneString copies s so a record never keeps a caller's larger buffer alive.

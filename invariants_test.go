@@ -135,8 +135,8 @@ func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
 		}
 	}
 	var got []*Session
-	if p := u.sessions.Load(); p != nil {
-		got = *p
+	if l := u.sessions.Load(); l != nil {
+		got = l.all
 	}
 	if !slices.Equal(got, want) {
 		return fmt.Errorf("%s: published sessions %d, devices hold %d", id, len(got), len(want))

@@ -42,7 +42,7 @@ type user struct {
 
 	// sessions lists the connected sessions. It is replaced, never changed in
 	// place, so a delivery reads it without the shard lock.
-	sessions atomic.Pointer[[]*Session]
+	sessions atomic.Pointer[sessionList]
 
 	// edges holds the user's subscriptions and friendships, both directions;
 	// nil until the user has any, so a user without them costs nothing more.
@@ -161,17 +161,35 @@ func (u *user) onlineDevices() []string {
 // publishSessionsLocked replaces the list of connected sessions after a
 // device gained or lost its session.
 func (u *user) publishSessionsLocked() {
-	var ss []*Session
+	n := 0
 	for _, d := range u.devices {
 		if d.session != nil {
-			ss = append(ss, d.session)
+			n++
 		}
 	}
-	if len(ss) == 0 {
+	if n == 0 {
 		u.sessions.Store(nil)
 		return
 	}
-	u.sessions.Store(&ss)
+	// One allocation for the usual single session: the list lives inline.
+	l := &sessionList{}
+	l.all = l.one[:0]
+	if n > len(l.one) {
+		l.all = make([]*Session, 0, n)
+	}
+	for _, d := range u.devices {
+		if d.session != nil {
+			l.all = append(l.all, d.session)
+		}
+	}
+	u.sessions.Store(l)
+}
+
+// sessionList is a published, never modified list of a user's connected
+// sessions.
+type sessionList struct {
+	all []*Session
+	one [1]*Session
 }
 
 func (sh *shard) getLocked(id string) *user { return sh.users[id] }
@@ -241,8 +259,12 @@ type change struct {
 	notify bool   // status or custom text changed: deliver event
 	event  Event
 
-	ended   []*Session // sessions whose Done is closed once the locks are released
-	endBuf  [2]*Session
+	// Sessions whose Done is closed once the locks are released: the first
+	// two inline, any more in extra. (A slice over an inline array would
+	// point into the change itself and send every change to the heap.)
+	ended   [2]*Session
+	nEnded  int
+	extra   []*Session
 	mayDrop bool // the record may be empty once this change is delivered
 }
 
@@ -259,11 +281,13 @@ func (c *change) endSession(sh *shard, d *device, why Reason) {
 	if d.session == nil {
 		return
 	}
-	if c.ended == nil {
-		c.ended = c.endBuf[:0]
-	}
 	d.session.markEnded(why)
-	c.ended = append(c.ended, d.session)
+	if c.nEnded < len(c.ended) {
+		c.ended[c.nEnded] = d.session
+		c.nEnded++
+	} else {
+		c.extra = append(c.extra, d.session)
+	}
 	d.session = nil
 	sh.sessions--
 }
@@ -312,7 +336,10 @@ func (e *Engine) finish(sh *shard, c *change) {
 		e.publish(&c.record)
 	}
 	u.fanMu.Unlock()
-	for _, s := range c.ended {
+	for _, s := range c.ended[:c.nEnded] {
+		close(s.done)
+	}
+	for _, s := range c.extra {
 		close(s.done)
 	}
 	if c.mayDrop {
@@ -359,11 +386,11 @@ func (e *Engine) fanOut(u *user, ev *Event) {
 type tally struct{ delivered, coalesced, lost uint64 }
 
 func (t *tally) toUser(w *user, ev *Event) {
-	ss := w.sessions.Load()
-	if ss == nil {
+	l := w.sessions.Load()
+	if l == nil {
 		return
 	}
-	for _, s := range *ss {
+	for _, s := range l.all {
 		s.push(ev, t)
 	}
 }
