@@ -34,8 +34,9 @@ type fifoNode[K comparable, V any] struct {
 // none marks the end of a list of nodes.
 const none int32 = -1
 
-// smallFifo is the size past which a fifo indexes its keys in a map.
-const smallFifo = 16
+// smallFifo is the size past which a fifo indexes its keys in a map. Most
+// subscription lists (20 or so) and mailboxes stay below it.
+const smallFifo = 32
 
 func (f *fifo[K, V]) len() int { return int(f.n) }
 
@@ -80,6 +81,12 @@ func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
 		}
 		return true
 	}
+	f.putNew(k, v)
+	return false
+}
+
+// putNew stores v for k as the newest entry; the caller knows k is absent.
+func (f *fifo[K, V]) putNew(k K, v V) {
 	var i int32
 	if f.free != 0 {
 		i = f.free - 1
@@ -100,7 +107,6 @@ func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
 			f.index[f.nodes[j].key] = j
 		}
 	}
-	return false
 }
 
 // grow makes room for n more entries ahead of time.

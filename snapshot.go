@@ -357,7 +357,7 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 		list := &u.edgesLocked().subs
 		list.grow(len(targets))
 		for _, t := range targets {
-			list.put(t, struct{}{})
+			list.putNew(t, struct{}{}) // the record's list was checked for repeats
 		}
 		sh.subscriptions += len(targets)
 	}
