@@ -51,7 +51,8 @@
 // hash of the user ID; a call holds at most one shard lock at a time and
 // never delivers, sends on a channel or wakes a reader while holding one.
 // There is no goroutine per user or session: one background goroutine runs
-// every deadline from a single timer wheel, and Close stops it.
+// every deadline from a single timer wheel, a second one saves the periodic
+// snapshots when a Store is set, and Close stops both.
 package presence
 
 import (

@@ -14,14 +14,21 @@ type simSession struct {
 	s      *presence.Session
 	user   string
 	device string
-	silent bool // the device never heartbeats: it is meant to time out
+	silent bool // the device stops heartbeating when the load starts: it is meant to time out
 
-	seen map[string]uint64 // owned by the reader: latest version read per user
+	// Owned by the reader: latest version read per user, by user index (a
+	// map without pointers, which the garbage collector need not scan).
+	seen map[int32]uint64
 }
 
 // reader drains the mailboxes of its share of the sessions, round-robin, the
 // way a host with a few event-loop goroutines would. A slow reader pauses
-// between passes, so its sessions' mailboxes fill up, coalesce and overflow.
+// longer between passes during the load, so its sessions' mailboxes fill up,
+// coalesce and overflow.
+//
+// A pass visits every session, so polling costs in proportion to sessions
+// times passes per second: with a hundred thousand sessions, passes every
+// millisecond would take more CPU than the engine. Hence -read-every.
 type reader struct {
 	sim  *sim
 	slow bool
@@ -29,10 +36,30 @@ type reader struct {
 	mu       sync.Mutex
 	incoming []*simSession // handed over by workers, picked up every pass
 
-	list   []*simSession // owned by the reader goroutine
+	list   []watched // owned by the reader goroutine
 	buf    []presence.Event
 	stats  readerStats
-	events atomic.Uint64 // for the progress line
+	events atomic.Uint64 // for the progress line and sim.settle
+}
+
+// watched is a session in a reader's list. Its channels are copied here so
+// that a pass that finds nothing pending reads the list and the two channels
+// only: with this many sessions, each pointer followed is a cache miss.
+type watched struct {
+	ready, done <-chan struct{}
+	ss          *simSession
+}
+
+func newReader(s *sim, slow bool, capacity int) *reader {
+	// Room for the setup's sessions up front, so that the lists do not grow
+	// while the heap is being measured.
+	return &reader{
+		sim:      s,
+		slow:     slow,
+		incoming: make([]*simSession, 0, capacity),
+		list:     make([]watched, 0, capacity),
+		stats:    readerStats{Ended: make(map[presence.Reason]int)},
+	}
 }
 
 func (r *reader) add(ss *simSession) {
@@ -41,27 +68,16 @@ func (r *reader) add(ss *simSession) {
 	r.mu.Unlock()
 }
 
-// fastWait is the pause of a reader that is not slow between passes.
-const fastWait = time.Millisecond
-
 // run polls the sessions until stop closes, then makes one last pass so that
 // whatever is pending is read.
 func (r *reader) run(stop <-chan struct{}) {
-	r.stats.Ended = make(map[presence.Reason]int)
 	idle := time.NewTimer(time.Hour)
 	defer idle.Stop()
 	for {
 		r.pass()
-		select {
-		case <-stop:
-			r.pass()
-			return
-		default:
-		}
-		// A pass is a batch: pause a little between them rather than spin,
-		// and a slow reader pauses a lot.
-		wait := fastWait
-		if r.slow {
+		// A pass is a batch: pause between them rather than spin.
+		wait := r.sim.cfg.ReadEvery
+		if r.slow && r.sim.loading.Load() {
 			wait = r.sim.cfg.SlowWait
 		}
 		idle.Reset(wait)
@@ -77,36 +93,46 @@ func (r *reader) run(stop <-chan struct{}) {
 // pass visits every session once, drains what is pending and lets go of
 // the sessions that have ended.
 func (r *reader) pass() {
+	start := time.Now()
 	r.mu.Lock()
-	r.list = append(r.list, r.incoming...)
+	for _, ss := range r.incoming {
+		r.list = append(r.list, watched{ready: ss.s.Ready(), done: ss.s.Done(), ss: ss})
+	}
 	clear(r.incoming)
 	r.incoming = r.incoming[:0]
 	r.mu.Unlock()
 
+	track := r.sim.loading.Load()
 	for i := 0; i < len(r.list); {
-		ss := r.list[i]
+		wt := &r.list[i]
+		// Two single-case selects, not one with two cases: on a channel with
+		// nothing to receive they return without taking its lock.
 		select {
-		case <-ss.s.Ready():
-			r.drain(ss)
+		case <-wt.ready:
+			r.drain(wt.ss, track)
 		default:
 		}
 		select {
-		case <-ss.s.Done():
+		case <-wt.done:
 			// Events pending at the end can still be drained.
-			r.drain(ss)
+			r.drain(wt.ss, track)
 			r.stats.Sessions++
-			r.stats.Ended[ss.s.EndReason()]++
+			r.stats.Ended[wt.ss.s.EndReason()]++
 			last := len(r.list) - 1
-			r.list[i], r.list[last] = r.list[last], nil
+			r.list[i], r.list[last] = r.list[last], watched{}
 			r.list = r.list[:last]
 			continue
 		default:
 		}
 		i++
 	}
+	r.stats.Passes++
+	r.stats.Polling += time.Since(start)
 }
 
-func (r *reader) drain(ss *simSession) {
+// drain reads the pending events of ss and checks them; with track it also
+// checks that versions never go back.
+func (r *reader) drain(ss *simSession, track bool) {
 	r.buf = ss.s.Drain(r.buf[:0])
 	if len(r.buf) == 0 {
 		return
@@ -115,13 +141,15 @@ func (r *reader) drain(ss *simSession) {
 	r.stats.Events += uint64(len(r.buf))
 	r.events.Add(uint64(len(r.buf)))
 	for i := range r.buf {
-		r.check(ss, &r.buf[i])
+		r.check(ss, &r.buf[i], track)
 	}
 	clear(r.buf)
 }
 
 // check applies what every event must satisfy, whatever the interleaving.
-func (r *reader) check(ss *simSession, ev *presence.Event) {
+// Versions are tracked from the start of the load only (track): a map per
+// session filled during the setup would be counted as the engine's memory.
+func (r *reader) check(ss *simSession, ev *presence.Event, track bool) {
 	v := &r.sim.viol
 	who := ss.user + "/" + ss.device
 	if ev.Reason < presence.ReasonLogin || ev.Reason > presence.ReasonSubscribed {
@@ -135,13 +163,18 @@ func (r *reader) check(ss *simSession, ev *presence.Event) {
 	if ev.Custom != "" && ev.Status != presence.Online {
 		v.add("session %s: event about %s is %v with custom status %q", who, ev.UserID, ev.Status, ev.Custom)
 	}
-	if !strings.HasPrefix(ev.UserID, userPrefix) {
+	idx, known := r.sim.userIndex(ev.UserID)
+	if !known {
 		v.add("session %s: event about %q, a user nobody watches", who, ev.UserID)
+		return
+	}
+	if !track {
+		return
 	}
 	if ss.seen == nil {
-		ss.seen = make(map[string]uint64)
+		ss.seen = make(map[int32]uint64)
 	}
-	last, ok := ss.seen[ev.UserID]
+	last, ok := ss.seen[idx]
 	switch {
 	case !ok:
 	case ev.Reason == presence.ReasonSubscribed && ev.Version < last:
@@ -151,7 +184,7 @@ func (r *reader) check(ss *simSession, ev *presence.Event) {
 		v.add("session %s: %v event about %s has version %d after version %d", who, ev.Reason, ev.UserID, ev.Version, last)
 	}
 	if ev.Version > last || !ok {
-		ss.seen[ev.UserID] = ev.Version
+		ss.seen[idx] = ev.Version
 	}
 }
 

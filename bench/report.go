@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -206,17 +207,56 @@ type readerStats struct {
 	ByReason [9]uint64               // events read, by Reason
 	Sessions uint64                  // sessions a reader followed to their end
 	Ended    map[presence.Reason]int // how those sessions ended
+	Passes   uint64                  // passes over the sessions
+	Polling  time.Duration           // wall time spent in passes, draining included
 }
+
+func (s *readerStats) merge(o *readerStats) {
+	s.Events += o.Events
+	s.Drains += o.Drains
+	for why, n := range o.ByReason {
+		s.ByReason[why] += n
+	}
+	s.Sessions += o.Sessions
+	if s.Ended == nil {
+		s.Ended = make(map[presence.Reason]int)
+	}
+	for why, n := range o.Ended {
+		s.Ended[why] += n
+	}
+	s.Passes += o.Passes
+	s.Polling += o.Polling
+}
+
+// memPhase is one phase of the setup and the live heap it added.
+type memPhase struct {
+	Name     string
+	Includes string        // what the per-item figure holds
+	Items    int           // sessions or edges the phase added
+	Bytes    int64         // live heap added, after a collection
+	Took     time.Duration // the phase itself, without measuring the heap
+}
+
+func (m memPhase) perItem() float64 { return float64(m.Bytes) / float64(max(m.Items, 1)) }
 
 // report is everything a run prints.
 type report struct {
 	Config  config
-	Setup   time.Duration // building the population
+	Setup   time.Duration // building the population, measuring its heap included
 	Elapsed time.Duration // the workers' run
 
 	Population struct {
 		Users, LoggedIn, Sessions, Friendships, Subscriptions int
 	}
+
+	Mem struct {
+		Base, After uint64 // live heap before and after the setup
+		Phases      []memPhase
+	}
+
+	// Engine counters when the load started and when the workers stopped:
+	// their difference is what the load did.
+	Load struct{ Before, After presence.Stats }
 
 	Ops opStats
 
@@ -235,7 +275,8 @@ type report struct {
 		Close                 time.Duration // Close, with its final snapshot
 		Restore               time.Duration // New on the saved file, as after a restart
 		Background            time.Time     // Stats.LastSnapshot before Close
-		FileBytes             int64
+		SetupFileBytes        int64         // the file after the save after setup
+		FileBytes             int64         // the file at the end
 		Restored              presence.Stats
 	}
 
@@ -246,51 +287,24 @@ func (r *report) print(w io.Writer) {
 	c := r.Config
 	fmt.Fprintf(w, "presence simulation: %d users, %d friends and %d subscriptions each, %d workers, %d readers (%d slow), seed %d\n",
 		c.Users, c.Friends, c.Subs, c.Workers, c.Readers, c.Slow, c.Seed)
-	fmt.Fprintf(w, "engine: HeartbeatTimeout %v, DisconnectGrace %v, FeedSize %d, ChangeFeedSize %d, quotas unlimited\n",
-		c.HeartbeatTimeout, c.Grace, c.FeedSize, c.ChangeFeed)
+	fmt.Fprintf(w, "engine: HeartbeatTimeout %v, DisconnectGrace %v, FeedSize %d, ChangeFeedSize %d, SnapshotInterval %v, quotas unlimited\n",
+		c.HeartbeatTimeout, c.Grace, c.FeedSize, c.ChangeFeed, c.SnapshotEvery)
 	p := r.Population
 	fmt.Fprintf(w, "setup: %v: %d users, %d logged in, %d sessions, %d friend edges, %d subscription edges\n\n",
 		r.Setup.Round(time.Millisecond), p.Users, p.LoggedIn, p.Sessions, p.Friendships, p.Subscriptions)
 
-	secs := r.Elapsed.Seconds()
-	var total uint64
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "operation\tcalls\tper sec\tp50\tp99\tmax\terrors\t\n")
-	for op := range numOps {
-		n := r.Ops.count[op]
-		total += n
-		h := &r.Ops.lat[op]
-		fmt.Fprintf(tw, "%v\t%d\t%.0f\t%v\t%v\t%v\t%s\t\n", op, n, float64(n)/secs,
-			h.quantile(0.50), h.quantile(0.99), h.max, errSummary(&r.Ops.errs[op]))
-	}
-	fmt.Fprintf(tw, "total\t%d\t%.0f\t\t\t\t\t\n", total, float64(total)/secs)
-	tw.Flush()
-	fmt.Fprintf(w, "(%v of simulated load; latencies are bucket floors, within 12.5%%)\n\n", r.Elapsed.Round(time.Millisecond))
+	r.printMemory(w)
+	r.printOps(w)
+	r.printEvents(w)
 
 	f := r.Final
-	fmt.Fprintf(w, "events: delivered %d, coalesced %d, lost %d; read by readers %d in %d drains, unread at the end %d\n",
-		f.Delivered, f.Coalesced, f.Lost, r.Readers.Events, r.Readers.Drains,
-		int64(f.Delivered)-int64(f.Coalesced)-int64(f.Lost)-int64(r.Readers.Events))
-	fmt.Fprintf(w, "events read by reason: %s\n", reasonSummary(r.Readers.ByReason[:]))
-	ended := make([]uint64, 9)
-	for why, n := range r.Readers.Ended {
-		if int(why) < len(ended) {
-			ended[why] += uint64(n)
-		}
-	}
-	fmt.Fprintf(w, "sessions followed to their end: %d; ended by: %s (None = engine closed)\n",
-		r.Readers.Sessions, reasonSummary(ended))
 	fmt.Fprintf(w, "change feed: %d records (%d dropped): %s\n", r.ChangeTotal, f.ChangesDropped, reasonMapSummary(r.Changes))
 	fmt.Fprintf(w, "final stats (before Close): users %d, online %d, sessions %d, subscriptions %d, friendships %d\n",
 		f.Users, f.Online, f.Sessions, f.Subscriptions, f.Friendships)
 	if r.HeartbeatMiss > 0 {
 		fmt.Fprintf(w, "note: %d heartbeating devices timed out anyway (their worker stalled past the timeout)\n", r.HeartbeatMiss)
 	}
-	sn := r.Snap
-	fmt.Fprintf(w, "snapshots (bbolt file %s, %d bytes): save after setup %v, after the load %v, Close with its final save %v; last background save at %s\n",
-		sn.Path, sn.FileBytes, sn.AfterSetup.Round(time.Microsecond), sn.AfterLoad.Round(time.Microsecond), sn.Close.Round(time.Microsecond), sn.Background.Format("15:04:05.000"))
-	fmt.Fprintf(w, "restart: restored %d users, %d online (offline-pending devices), %d subscriptions, %d friendships in %v\n",
-		sn.Restored.Users, sn.Restored.Online, sn.Restored.Subscriptions, sn.Restored.Friendships, sn.Restore.Round(time.Microsecond))
+	r.printSnapshots(w)
 	fmt.Fprintf(w, "goroutines left after Close: %d\n", r.GoroutinesLeft)
 	if len(r.Violations) == 0 {
 		fmt.Fprintf(w, "\nOK: no violations\n")
@@ -300,6 +314,84 @@ func (r *report) print(w io.Writer) {
 	for _, v := range r.Violations {
 		fmt.Fprintf(w, "  %s\n", v)
 	}
+}
+
+func (r *report) printMemory(w io.Writer) {
+	m := r.Mem
+	fmt.Fprintf(w, "memory (live heap after a collection; %.1f MB before the population, %.1f MB after):\n",
+		float64(m.Base)/1e6, float64(m.After)/1e6)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "  setup phase\ttook\tadded\theap\tper item\tincludes\n")
+	var edges memPhase
+	for _, ph := range m.Phases {
+		fmt.Fprintf(tw, "  %s\t%v\t%d\t%.1f MB\t%.0f B\t%s\n", ph.Name, ph.Took.Round(time.Millisecond),
+			ph.Items, float64(ph.Bytes)/1e6, ph.perItem(), ph.Includes)
+		if strings.HasSuffix(ph.Name, "edges") {
+			edges.Items += ph.Items
+			edges.Bytes += ph.Bytes
+		}
+	}
+	tw.Flush()
+	if len(m.Phases) == 4 {
+		user, second := m.Phases[0], m.Phases[1]
+		fmt.Fprintf(w, "  per user with one session %.0f B, per further session %.0f B, so about %.0f B for the user alone; per edge (friend or subscription) %.0f B\n",
+			user.perItem(), second.perItem(), user.perItem()-second.perItem(), edges.perItem())
+	}
+	fmt.Fprintf(w, "  (the engine's memory only: the simulation's own model is allocated before the first measurement; user ID strings are\n"+
+		"   the simulation's; records of the users not logged in are made by the edge phases and counted with the edges)\n\n")
+}
+
+func (r *report) printOps(w io.Writer) {
+	secs := r.Elapsed.Seconds()
+	var total uint64
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "operation\tcalls\tper sec\tp50\tp99\tp999\tmax\terrors\t\n")
+	for op := range numOps {
+		n := r.Ops.count[op]
+		total += n
+		h := &r.Ops.lat[op]
+		fmt.Fprintf(tw, "%v\t%d\t%.0f\t%v\t%v\t%v\t%v\t%s\t\n", op, n, float64(n)/secs,
+			h.quantile(0.50), h.quantile(0.99), h.quantile(0.999), h.max.Round(time.Microsecond), errSummary(&r.Ops.errs[op]))
+	}
+	fmt.Fprintf(tw, "total\t%d\t%.0f\t\t\t\t\t\t\n", total, float64(total)/secs)
+	tw.Flush()
+	fmt.Fprintf(w, "(%v of simulated load; latencies are bucket floors, within 12.5%%, and include the scheduler's delays on %d cores)\n\n",
+		r.Elapsed.Round(time.Millisecond), runtime.GOMAXPROCS(0))
+}
+
+func (r *report) printEvents(w io.Writer) {
+	secs := r.Elapsed.Seconds()
+	b, a := r.Load.Before, r.Load.After
+	fmt.Fprintf(w, "events during the load: delivered %d (%.0f per sec), coalesced %d (%.0f per sec), lost %d (%.0f per sec)\n",
+		a.Delivered-b.Delivered, float64(a.Delivered-b.Delivered)/secs,
+		a.Coalesced-b.Coalesced, float64(a.Coalesced-b.Coalesced)/secs,
+		a.Lost-b.Lost, float64(a.Lost-b.Lost)/secs)
+	f, rd := r.Final, r.Readers
+	fmt.Fprintf(w, "events in all: delivered %d, coalesced %d, lost %d; read by readers %d in %d drains, unread at the end %d\n",
+		f.Delivered, f.Coalesced, f.Lost, rd.Events, rd.Drains,
+		int64(f.Delivered)-int64(f.Coalesced)-int64(f.Lost)-int64(rd.Events))
+	fmt.Fprintf(w, "events read by reason: %s\n", reasonSummary(rd.ByReason[:]))
+	ended := make([]uint64, 9)
+	for why, n := range rd.Ended {
+		if int(why) < len(ended) {
+			ended[why] += uint64(n)
+		}
+	}
+	fmt.Fprintf(w, "sessions followed to their end: %d; ended by: %s (None = engine closed)\n", rd.Sessions, reasonSummary(ended))
+	fmt.Fprintf(w, "readers: %d passes over their sessions, %v in passes (polling, draining and checking; wall time, on cores shared with the rest)\n",
+		rd.Passes, rd.Polling.Round(time.Millisecond))
+}
+
+func (r *report) printSnapshots(w io.Writer) {
+	sn := r.Snap
+	fmt.Fprintf(w, "snapshots (bbolt file %s): save after setup %v, after the load %v, Close with its final save %v; last background save at %s\n",
+		sn.Path, sn.AfterSetup.Round(time.Millisecond), sn.AfterLoad.Round(time.Millisecond), sn.Close.Round(time.Millisecond), sn.Background.Format("15:04:05.000"))
+	users := float64(r.Config.Users)
+	fmt.Fprintf(w, "snapshot file: %.1f MB after the save after setup, %.0f B per user with its edges; %.1f MB at the end, %.0f B per user\n"+
+		"  (the file keeps the pages of the snapshot a save replaced, for the next save to reuse, and bbolt grows it in 16 MB steps)\n",
+		float64(sn.SetupFileBytes)/1e6, float64(sn.SetupFileBytes)/users, float64(sn.FileBytes)/1e6, float64(sn.FileBytes)/users)
+	fmt.Fprintf(w, "restart: restored %d users, %d online (offline-pending devices), %d subscriptions, %d friendships in %v\n",
+		sn.Restored.Users, sn.Restored.Online, sn.Restored.Subscriptions, sn.Restored.Friendships, sn.Restore.Round(time.Millisecond))
 }
 
 func errSummary(errs *[numErrKinds]uint64) string {

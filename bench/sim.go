@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"iter"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -77,21 +78,30 @@ func (u *simUser) removeSub(t int32) {
 type sim struct {
 	cfg     config
 	e       *presence.Engine
+	store   *gatedStore
+	out     io.Writer // progress lines
 	users   []*simUser
 	readers []*reader
 	next    atomic.Uint32 // round-robin over readers
 	stop    atomic.Bool   // workers stop when set
 	hbEvery time.Duration // how often a worker heartbeats its devices
 	viol    violations
+
+	// loading is set when the load starts. From then on silent devices stop
+	// heartbeating, slow readers slow down and readers check versions; the
+	// setup keeps the population steady so its memory can be measured.
+	loading atomic.Bool
 }
 
 func (s *sim) id(i int32) string { return s.users[i].id }
 
-// open hands a new session to a reader and returns it.
-func (s *sim) open(ps *presence.Session, user, device string, silent bool) *simSession {
-	ss := &simSession{s: ps, user: user, device: device, silent: silent}
+// open hands a new session to a reader.
+func (s *sim) open(ss *simSession) {
 	s.readers[int(s.next.Add(1))%len(s.readers)].add(ss)
-	return ss
+}
+
+func (s *sim) note(format string, args ...any) {
+	fmt.Fprintf(s.out, format+"\n", args...)
 }
 
 // run builds the engine and the population, runs the workers for
@@ -108,11 +118,12 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		prof = f
 	}
 	baseline := runtime.NumGoroutine()
-	store, path, cleanup, err := openStore(cfg.Store)
+	bolt, path, cleanup, err := openStore(cfg.Store)
 	if err != nil {
 		return nil, err
 	}
 	defer cleanup()
+	store := &gatedStore{Store: bolt}
 	unlimited := presence.Quota{Calls: -1}
 	ecfg := presence.Config{
 		StatusQuery:      true,
@@ -140,15 +151,16 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		e.Close()
 		return nil, fmt.Errorf("%s already holds a population (%d users, %d subscriptions): name a new -store file", path, st.Users, st.Subscriptions)
 	}
-	s := &sim{cfg: cfg, e: e, hbEvery: cfg.HeartbeatTimeout / 4}
+	s := &sim{cfg: cfg, e: e, store: store, out: progress, hbEvery: cfg.HeartbeatTimeout / 4}
 
 	feed := &feedCounter{done: make(chan struct{})}
 	go feed.run(e.Changes(), &s.viol)
 
 	stopReaders := make(chan struct{})
 	var readersWG sync.WaitGroup
+	perReader := cfg.Users*len(deviceIDs)/cfg.Readers + 1
 	for i := range cfg.Readers {
-		r := &reader{sim: s, slow: i < cfg.Slow}
+		r := newReader(s, i < cfg.Slow, perReader)
 		s.readers = append(s.readers, r)
 		readersWG.Add(1)
 		go func() {
@@ -157,9 +169,16 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		}()
 	}
 
+	// The model is allocated in full before the heap is first measured, so
+	// that what the setup phases add is the engine's.
 	s.users = make([]*simUser, cfg.Users)
 	for i := range s.users {
-		s.users[i] = &simUser{idx: int32(i), id: fmt.Sprintf("%s%05d", userPrefix, i)}
+		s.users[i] = &simUser{
+			idx:     int32(i),
+			id:      fmt.Sprintf("%s%05d", userPrefix, i),
+			subs:    make([]int32, 0, cfg.Subs),
+			friends: make([]int32, 0, cfg.Friends),
+		}
 	}
 	workers := make([]*worker, cfg.Workers)
 	for i := range workers {
@@ -174,43 +193,29 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		w := workers[i%len(workers)]
 		w.owned = append(w.owned, u)
 	}
+	for _, w := range workers {
+		w.slab = make([]simSession, 0, len(w.owned)*len(deviceIDs))
+	}
 
-	// The population, built by the workers in parallel.
 	start = time.Now()
-	eachWorker(workers, (*worker).setup)
+	s.setup(workers, rep)
 	rep.Setup = time.Since(start)
-	rep.Snap.AfterSetup = s.timedSnapshot()
 	st := e.Stats()
 	rep.Population.Users, rep.Population.LoggedIn, rep.Population.Sessions = cfg.Users, st.Users, st.Sessions
 	rep.Population.Friendships, rep.Population.Subscriptions = st.Friendships, st.Subscriptions
+	s.hold(workers, func() {
+		rep.Snap.AfterSetup = s.timedSnapshot()
+		rep.Snap.SetupFileBytes = fileSize(path)
+	})
+	s.note("snapshot after setup: %v, file %.1f MB", rep.Snap.AfterSetup.Round(time.Millisecond), float64(rep.Snap.SetupFileBytes)/1e6)
 
-	// The load.
-	stopProgress := make(chan struct{})
-	progressDone := make(chan struct{})
-	go s.progress(progress, workers, feed, stopProgress, progressDone)
-	if prof != nil {
-		if err := pprof.StartCPUProfile(prof); err != nil {
-			fmt.Fprintln(progress, "bench: no CPU profile:", err)
-			prof = nil
-		}
-	}
-	start = time.Now()
-	timer := time.AfterFunc(cfg.Duration, func() { s.stop.Store(true) })
-	eachWorker(workers, (*worker).run)
-	timer.Stop()
-	rep.Elapsed = time.Since(start)
-	if prof != nil {
-		pprof.StopCPUProfile()
-	}
-	close(stopProgress)
-	<-progressDone
-
-	close(stopReaders)
-	readersWG.Wait()
+	s.load(workers, rep, prof, feed)
 
 	// What the engine says now must match the model.
+	start = time.Now()
 	s.checkFinal(workers)
 	rep.Final = e.Stats()
+	s.note("final checks: %v", time.Since(start).Round(time.Millisecond))
 	rep.Snap.AfterLoad = s.timedSnapshot()
 	rep.Snap.Background = rep.Final.LastSnapshot
 	if rep.Final.LastSnapshotErr != nil {
@@ -222,12 +227,17 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		s.viol.add("Close: %v", err)
 	}
 	rep.Snap.Close = time.Since(start)
+	s.note("snapshot after the load: %v; Close with its final save: %v", rep.Snap.AfterLoad.Round(time.Millisecond), rep.Snap.Close.Round(time.Millisecond))
 	s.checkClosed(workers)
 	select {
 	case <-feed.done:
 	case <-time.After(2 * time.Second):
 		s.viol.add("change feed not closed 2s after Close")
 	}
+	// The readers ran until now so that events of the timeouts during the
+	// checks are read too; their last pass finds every session ended.
+	close(stopReaders)
+	readersWG.Wait()
 	after := e.Stats() // the event counters are final now
 	rep.Final.Delivered, rep.Final.Coalesced, rep.Final.Lost, rep.Final.ChangesDropped =
 		after.Delivered, after.Coalesced, after.Lost, after.ChangesDropped
@@ -238,18 +248,8 @@ func run(cfg config, progress io.Writer) (*report, error) {
 		rep.HeartbeatMiss += w.hbMiss
 		setupLogins += w.setupLogins
 	}
-	rep.Readers.Ended = make(map[presence.Reason]int)
 	for _, r := range s.readers {
-		rs := &r.stats
-		rep.Readers.Events += rs.Events
-		rep.Readers.Drains += rs.Drains
-		rep.Readers.Sessions += rs.Sessions
-		for why, n := range rs.ByReason {
-			rep.Readers.ByReason[why] += n
-		}
-		for why, n := range rs.Ended {
-			rep.Readers.Ended[why] += n
-		}
+		rep.Readers.merge(&r.stats)
 	}
 	rep.Changes = make(map[presence.Reason]uint64)
 	for why, n := range feed.byReason {
@@ -261,9 +261,8 @@ func run(cfg config, progress io.Writer) (*report, error) {
 	s.checkCounters(rep, setupLogins)
 
 	s.checkRestore(ecfg, rep)
-	if info, err := os.Stat(path); err == nil {
-		rep.Snap.FileBytes = info.Size()
-	}
+	s.note("restore into a fresh engine: %v", rep.Snap.Restore.Round(time.Millisecond))
+	rep.Snap.FileBytes = fileSize(path)
 	if err := store.Close(); err != nil {
 		s.viol.add("closing the store: %v", err)
 	}
@@ -281,6 +280,129 @@ func run(cfg config, progress io.Writer) (*report, error) {
 	return rep, nil
 }
 
+// setup builds the population in phases and measures the live heap after
+// each, so that what a phase adds is what its kind of state costs: users
+// logging in on a first device, then on a second one, then friend edges,
+// then subscription edges. Logins come first so that the edge phases add
+// edges only (a user record made to hold an edge would otherwise be counted
+// as the edge's).
+func (s *sim) setup(workers []*worker, rep *report) {
+	heap := s.store.quiet(liveHeap)
+	rep.Mem.Base = heap
+	sessions := func(st presence.Stats) int { return st.Sessions }
+	phases := []struct {
+		name, includes string
+		run            func(*worker)
+		count          func(presence.Stats) int
+	}{
+		{"users, first session", "the user's record and index entry, a device, its session (channels, emptied mailbox), its heartbeat deadline",
+			(*worker).loginFirst, sessions},
+		{"second sessions", "a device, its session (channels, emptied mailbox), its heartbeat deadline", (*worker).loginSecond, sessions},
+		{"friend edges", "the friend list entry and the reverse (notify) index entry", (*worker).addInitialFriends,
+			func(st presence.Stats) int { return st.Friendships }},
+		{"subscription edges", "the subscription list entry and the reverse (subscriber) index entry", (*worker).addInitialSubs,
+			func(st presence.Stats) int { return st.Subscriptions }},
+	}
+	for _, ph := range phases {
+		before := ph.count(s.e.Stats())
+		start := time.Now()
+		eachWorker(workers, ph.run)
+		m := memPhase{Name: ph.name, Includes: ph.includes}
+		s.hold(workers, func() {
+			// Until the readers have drained what the phase delivered, the
+			// pending events would be counted as its memory.
+			s.settle()
+			m.Took = time.Since(start)
+			m.Items = ph.count(s.e.Stats()) - before
+			now := s.store.quiet(liveHeap)
+			m.Bytes = int64(now) - int64(heap)
+			heap = now
+		})
+		rep.Mem.Phases = append(rep.Mem.Phases, m)
+		s.note("setup: %-20s %9d in %6v, heap +%6.1f MB, %4.0f B each", m.Name, m.Items,
+			m.Took.Round(time.Millisecond), float64(m.Bytes)/1e6, m.perItem())
+	}
+	rep.Mem.After = heap
+	for _, w := range workers {
+		w.endSetup()
+	}
+}
+
+// liveHeap returns the bytes of live heap objects, after a collection.
+func liveHeap() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+// hold runs f while every worker keeps its devices heartbeating, as clients
+// would while the server is busy: a pause between steps of the run
+// (measuring the heap, saving a snapshot) must not time sessions out.
+func (s *sim) hold(workers []*worker, f func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.keepAlive(done)
+		}()
+	}
+	f()
+	close(done)
+	wg.Wait()
+}
+
+// settle waits until the readers have read every event delivered so far
+// that was neither coalesced nor lost, for at most a few seconds: if the
+// counters never agree, checkCounters reports it.
+func (s *sim) settle() {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		st := s.e.Stats()
+		if s.eventsRead() >= st.Delivered-st.Coalesced-st.Lost {
+			return
+		}
+		time.Sleep(s.cfg.ReadEvery / 4)
+	}
+}
+
+func (s *sim) eventsRead() uint64 {
+	var n uint64
+	for _, r := range s.readers {
+		n += r.events.Load()
+	}
+	return n
+}
+
+// load runs the workers for cfg.Duration with a progress line every second
+// and records what the engine counted meanwhile.
+func (s *sim) load(workers []*worker, rep *report, prof *os.File, feed *feedCounter) {
+	stopProgress := make(chan struct{})
+	progressDone := make(chan struct{})
+	if prof != nil {
+		if err := pprof.StartCPUProfile(prof); err != nil {
+			s.note("bench: no CPU profile: %v", err)
+			prof = nil
+		}
+	}
+	s.loading.Store(true)
+	rep.Load.Before = s.e.Stats()
+	go s.progress(workers, feed, stopProgress, progressDone)
+	start := time.Now()
+	timer := time.AfterFunc(s.cfg.Duration, func() { s.stop.Store(true) })
+	eachWorker(workers, (*worker).run)
+	timer.Stop()
+	rep.Elapsed = time.Since(start)
+	rep.Load.After = s.e.Stats()
+	if prof != nil {
+		pprof.StopCPUProfile()
+	}
+	close(stopProgress)
+	<-progressDone
+}
+
 // eachWorker runs f on every worker in its own goroutine and waits.
 func eachWorker(workers []*worker, f func(*worker)) {
 	var wg sync.WaitGroup
@@ -295,31 +417,30 @@ func eachWorker(workers []*worker, f func(*worker)) {
 }
 
 // progress prints one line a second until stop closes.
-func (s *sim) progress(out io.Writer, workers []*worker, feed *feedCounter, stop <-chan struct{}, done chan<- struct{}) {
+func (s *sim) progress(workers []*worker, feed *feedCounter, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	start := time.Now()
+	last, lastStats := start, s.e.Stats()
 	var lastOps uint64
-	last := start
 	for {
 		select {
 		case <-stop:
 			return
 		case now := <-t.C:
-			var ops, read uint64
+			var ops uint64
 			for _, w := range workers {
 				ops += w.ops.Load()
 			}
-			for _, r := range s.readers {
-				read += r.events.Load()
-			}
 			st := s.e.Stats()
-			fmt.Fprintf(out, "[%4.1fs] %8.0f ops/s  users %d online %d sessions %d  subs %d friends %d  delivered %d coalesced %d lost %d read %d  changes %d  violations %d\n",
-				now.Sub(start).Seconds(), float64(ops-lastOps)/now.Sub(last).Seconds(),
-				st.Users, st.Online, st.Sessions, st.Subscriptions, st.Friendships,
-				st.Delivered, st.Coalesced, st.Lost, read, feed.total.Load(), s.viol.count())
-			lastOps, last = ops, now
+			secs := now.Sub(last).Seconds()
+			fmt.Fprintf(s.out, "[%4.1fs] %7.0f ops/s %8.0f events/s (coalesced %d, lost %d)  online %d sessions %d subs %d friends %d  read %d changes %d  violations %d\n",
+				now.Sub(start).Seconds(), float64(ops-lastOps)/secs, float64(st.Delivered-lastStats.Delivered)/secs,
+				st.Coalesced-lastStats.Coalesced, st.Lost-lastStats.Lost,
+				st.Online, st.Sessions, st.Subscriptions, st.Friendships,
+				s.eventsRead(), feed.total.Load(), s.viol.count())
+			lastOps, last, lastStats = ops, now, st
 		}
 	}
 }
@@ -525,6 +646,38 @@ func openStore(name string) (store *persist.Store, path string, cleanup func(), 
 		return nil, "", nil, err
 	}
 	return store, path, cleanup, nil
+}
+
+// gatedStore is the bbolt Store with a gate that keeps saves out of the
+// heap measurements: a save in flight holds a write transaction's worth of
+// memory (tens of megabytes at 100 k users) that would be counted as what a
+// setup phase added. The engine's background saves run on a fixed ticker,
+// so they cannot be timed around; one due during a measurement waits.
+type gatedStore struct {
+	*persist.Store
+	gate sync.RWMutex // held shared by each save, exclusively by quiet
+}
+
+func (g *gatedStore) Save(ctx context.Context, records iter.Seq2[[]presence.Record, error]) error {
+	g.gate.RLock()
+	defer g.gate.RUnlock()
+	return g.Store.Save(ctx, records)
+}
+
+// quiet runs f once no save is in flight, holding new ones off meanwhile.
+func (g *gatedStore) quiet(f func() uint64) uint64 {
+	g.gate.Lock()
+	defer g.gate.Unlock()
+	return f()
+}
+
+// fileSize returns the size of the file at path, 0 if it cannot tell.
+func fileSize(path string) int64 {
+	info, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return info.Size()
 }
 
 // timedSnapshot saves a snapshot now and returns how long it took.

@@ -21,7 +21,8 @@ type worker struct {
 	e     *presence.Engine
 	rng   *rand.Rand
 	owned []*simUser
-	seen  []uint64 // latest version this worker read per user: reads must never go back
+	seen  []uint64     // latest version this worker read per user: reads must never go back
+	slab  []simSession // preallocated sessions for the setup's logins, see endSetup
 
 	stats       opStats
 	ops         atomic.Uint64 // for the progress line
@@ -99,13 +100,24 @@ func (w *worker) ended(ss *simSession, ctx string, now bool, allowed ...presence
 	}
 }
 
-// idxOf returns the index of a simulated user from its ID.
-func idxOf(id string) int32 {
-	n, err := strconv.Atoi(strings.TrimPrefix(id, userPrefix))
-	if err != nil {
+// userIndex returns the index of a simulated user from its ID, and false
+// for any other ID.
+func (s *sim) userIndex(id string) (int32, bool) {
+	rest, ok := strings.CutPrefix(id, userPrefix)
+	n, err := strconv.Atoi(rest)
+	if !ok || err != nil || n < 0 || n >= len(s.users) {
+		return -1, false
+	}
+	return int32(n), true
+}
+
+// idxOf is userIndex for an ID the simulation made itself.
+func (s *sim) idxOf(id string) int32 {
+	i, ok := s.userIndex(id)
+	if !ok {
 		panic("bench: not a simulated user: " + id)
 	}
-	return int32(n)
+	return i
 }
 
 func (w *worker) pickOwned() *simUser { return w.owned[w.rng.IntN(len(w.owned))] }
@@ -132,43 +144,98 @@ func (w *worker) pickDev(u *simUser, ok func(*simDev) bool) int {
 	return -1
 }
 
-// setup gives the worker's users their friends and subscriptions and logs
-// most of them in on one or two devices.
-func (w *worker) setup() {
-	cfg := w.sim.cfg
-	for _, u := range w.owned {
-		if cfg.Friends > 0 {
-			w.addFriends(u, cfg.Friends)
+// The population is built in phases, each run by every worker on its own
+// users, so that the heap can be measured between them and what a phase
+// adds is what its kind of state costs (see sim.setup).
+
+// loginFirst logs in the first device of the users that start logged in.
+func (w *worker) loginFirst() {
+	w.each(func(u *simUser) {
+		if w.rng.Float64() < w.sim.cfg.LoggedIn {
+			w.loginDev(u, 0)
 		}
-		for left := cfg.Subs; left > 0; {
+	})
+}
+
+// loginSecond logs in a second device for 4 in 10 of the logged-in users.
+func (w *worker) loginSecond() {
+	w.each(func(u *simUser) {
+		if u.devs[0].loggedIn && w.rng.IntN(10) < 4 {
+			w.loginDev(u, 1)
+		}
+	})
+}
+
+// addInitialFriends gives every user its -friends friends.
+func (w *worker) addInitialFriends() {
+	w.each(func(u *simUser) {
+		if n := w.sim.cfg.Friends; n > 0 {
+			w.addFriends(u, n)
+		}
+	})
+}
+
+// addInitialSubs gives every user its -subs subscriptions.
+func (w *worker) addInitialSubs() {
+	w.each(func(u *simUser) {
+		for left := w.sim.cfg.Subs; left > 0; {
 			n := min(left, maxSubscribeIDs)
 			w.subscribe(u, n)
 			left -= n
 		}
-	}
+	})
+}
+
+// each runs f on every user of the worker, heartbeating on schedule: a setup
+// phase can take longer than the heartbeat timeout.
+func (w *worker) each(f func(*simUser)) {
 	for i, u := range w.owned {
 		if i%64 == 0 {
-			w.maybeSweep(time.Now()) // a slow setup must not let the first logins time out
+			w.maybeSweep(time.Now())
 		}
-		if w.rng.Float64() >= cfg.LoggedIn {
-			continue
-		}
-		w.loginDev(u, 0)
-		if w.rng.IntN(10) < 4 {
-			w.loginDev(u, 1)
-		}
+		f(u)
 	}
-	// The load is measured from here; the change feed check still needs the
-	// logins.
+}
+
+// endSetup starts the count of the load from zero; the change feed check
+// still needs the setup's logins. Sessions opened from now on are allocated
+// one by one: the slab only keeps the simulation's bookkeeping out of the
+// heap measured during the setup.
+func (w *worker) endSetup() {
 	w.setupLogins = w.stats.errs[opLogin][errNone]
 	w.stats = opStats{}
 	w.ops.Store(0)
+	w.slab = nil
+}
+
+// newSession returns a zeroed simSession, from the slab while it lasts.
+func (w *worker) newSession() *simSession {
+	if len(w.slab) < cap(w.slab) {
+		w.slab = w.slab[:len(w.slab)+1]
+		return &w.slab[len(w.slab)-1]
+	}
+	return new(simSession)
+}
+
+// keepAlive heartbeats the worker's devices on schedule until done closes,
+// as clients keep doing while their server is busy with something else.
+func (w *worker) keepAlive(done <-chan struct{}) {
+	t := time.NewTicker(w.sim.hbEvery / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case now := <-t.C:
+			w.maybeSweep(now)
+		}
+	}
 }
 
 // run does random operations until the simulation stops, and heartbeats
 // every device that is not silent every sim.hbEvery.
 func (w *worker) run() {
-	w.sweep() // the other workers' setup may have taken a while
+	w.sweep() // every device starts the load freshly heartbeaten
 	var cum [numOps]int
 	total := 0
 	for op, n := range mix {
@@ -237,13 +304,16 @@ func (w *worker) maybeSweep(now time.Time) {
 	}
 }
 
-// sweep heartbeats every connected device of the worker that is not silent,
-// like clients doing so on a fixed interval.
+// sweep heartbeats every connected device of the worker, like clients doing
+// so on a fixed interval. Silent devices fall silent when the load starts:
+// during the setup they must stay connected, or their timeouts would change
+// the population while its memory is measured.
 func (w *worker) sweep() {
 	w.lastSweep = time.Now()
+	loading := w.sim.loading.Load()
 	for _, u := range w.owned {
 		for d := range u.devs {
-			if ss := u.devs[d].sess; ss != nil && !ss.silent {
+			if ss := u.devs[d].sess; ss != nil && !(ss.silent && loading) {
 				w.heartbeat(u, d)
 			}
 		}
@@ -268,7 +338,9 @@ func (w *worker) loginDev(u *simUser, d int) {
 		w.ended(old, "logged in again", false, presence.ReasonLogin, presence.ReasonTimeout)
 	}
 	dev.loggedIn = true
-	dev.sess = w.sim.open(s, u.id, deviceIDs[d], w.rng.Float64() < w.sim.cfg.Silent)
+	dev.sess = w.newSession()
+	*dev.sess = simSession{s: s, user: u.id, device: deviceIDs[d], silent: w.rng.Float64() < w.sim.cfg.Silent}
+	w.sim.open(dev.sess)
 
 	// Right after a login the user is Online on that device (a self query is free).
 	st, err := w.e.GetUserStatus(u.id, []string{u.id})
@@ -435,7 +507,7 @@ func (w *worker) getStatus(u *simUser) {
 		case s.UserID != u.id && s.Devices != nil:
 			w.sim.viol.add("GetUserStatus(%s): %s, not the caller, lists devices %v", u.id, s.UserID, s.Devices)
 		}
-		w.sawVersion(idxOf(s.UserID), s, "GetUserStatus")
+		w.sawVersion(w.sim.idxOf(s.UserID), s, "GetUserStatus")
 	}
 }
 
@@ -460,9 +532,9 @@ func (w *worker) subscribe(u *simUser, n int) {
 		u.putSub(t)
 	}
 	var want []int32
-	for len(u.subs) > maxSubscriptions {
-		want = append(want, u.subs[0])
-		u.subs = slices.Delete(u.subs, 0, 1)
+	if over := len(u.subs) - maxSubscriptions; over > 0 {
+		want = slices.Clone(u.subs[:over])
+		u.subs = slices.Delete(u.subs, 0, over)
 	}
 	if !slices.Equal(evicted, w.sim.names(want)) {
 		w.sim.viol.add("SubscribeUserStatus(%s, %d IDs) evicted %v, the model evicts %v", u.id, len(ids), evicted, w.sim.names(want))
@@ -489,7 +561,7 @@ func (w *worker) unsubscribe(u *simUser) {
 		u.subs = nil
 	}
 	for _, id := range ids {
-		u.removeSub(idxOf(id))
+		u.removeSub(w.sim.idxOf(id))
 	}
 	w.spotCheckSubs(u)
 }
