@@ -123,10 +123,11 @@ func (s *Session) pop() (Event, bool) {
 // evicting the oldest entry past FeedSize, and wakes the reader if the
 // mailbox was empty.
 func (s *Session) push(ev *Event, t *tally) {
-	if s.ended.Load() {
+	s.mu.Lock()
+	if s.ended.Load() { // checked under mu: nothing lands after the reader's last drain
+		s.mu.Unlock()
 		return
 	}
-	s.mu.Lock()
 	if prev, ok := s.box.get(ev.UserID); ok && prev.Version > ev.Version {
 		s.mu.Unlock() // never let a reader see a user's version go backwards
 		return
@@ -154,7 +155,9 @@ func (s *Session) push(ev *Event, t *tally) {
 // happen once; Done is closed afterwards, outside the lock.
 func (s *Session) markEnded(why Reason) {
 	s.reason.Store(uint32(why))
+	s.mu.Lock()
 	s.ended.Store(true)
+	s.mu.Unlock()
 }
 
 // Heartbeat records that the device is alive, pushing its heartbeat timeout

@@ -237,7 +237,13 @@ type memPhase struct {
 	Took     time.Duration // the phase itself, without measuring the heap
 }
 
-func (m memPhase) perItem() float64 { return float64(m.Bytes) / float64(max(m.Items, 1)) }
+// perItem returns the bytes the phase added per item, "-" if it added none.
+func (m memPhase) perItem() string {
+	if m.Items == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f B", float64(m.Bytes)/float64(m.Items))
+}
 
 // report is everything a run prints.
 type report struct {
@@ -322,9 +328,9 @@ func (r *report) printMemory(w io.Writer) {
 		float64(m.Base)/1e6, float64(m.After)/1e6)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "  setup phase\ttook\tadded\theap\tper item\tincludes\n")
-	var edges memPhase
+	edges := memPhase{Name: "edges"}
 	for _, ph := range m.Phases {
-		fmt.Fprintf(tw, "  %s\t%v\t%d\t%.1f MB\t%.0f B\t%s\n", ph.Name, ph.Took.Round(time.Millisecond),
+		fmt.Fprintf(tw, "  %s\t%v\t%d\t%.1f MB\t%s\t%s\n", ph.Name, ph.Took.Round(time.Millisecond),
 			ph.Items, float64(ph.Bytes)/1e6, ph.perItem(), ph.Includes)
 		if strings.HasSuffix(ph.Name, "edges") {
 			edges.Items += ph.Items
@@ -334,8 +340,12 @@ func (r *report) printMemory(w io.Writer) {
 	tw.Flush()
 	if len(m.Phases) == 4 {
 		user, second := m.Phases[0], m.Phases[1]
-		fmt.Fprintf(w, "  per user with one session %.0f B, per further session %.0f B, so about %.0f B for the user alone; per edge (friend or subscription) %.0f B\n",
-			user.perItem(), second.perItem(), user.perItem()-second.perItem(), edges.perItem())
+		alone := "-"
+		if user.Items > 0 && second.Items > 0 {
+			alone = fmt.Sprintf("%.0f B", float64(user.Bytes)/float64(user.Items)-float64(second.Bytes)/float64(second.Items))
+		}
+		fmt.Fprintf(w, "  per user with one session %s, per further session %s, so about %s for the user alone; per edge (friend or subscription) %s\n",
+			user.perItem(), second.perItem(), alone, edges.perItem())
 	}
 	fmt.Fprintf(w, "  (the engine's memory only: the simulation's own model is allocated before the first measurement; user ID strings are\n"+
 		"   the simulation's; records of the users not logged in are made by the edge phases and counted with the edges)\n\n")

@@ -319,7 +319,7 @@ func (s *sim) setup(workers []*worker, rep *report) {
 			heap = now
 		})
 		rep.Mem.Phases = append(rep.Mem.Phases, m)
-		s.note("setup: %-20s %9d in %6v, heap +%6.1f MB, %4.0f B each", m.Name, m.Items,
+		s.note("setup: %-20s %9d in %6v, heap +%6.1f MB, %s each", m.Name, m.Items,
 			m.Took.Round(time.Millisecond), float64(m.Bytes)/1e6, m.perItem())
 	}
 	rep.Mem.After = heap
