@@ -306,8 +306,6 @@ type Engine struct {
 	stop      chan struct{}
 	wg        sync.WaitGroup
 
-	delivered, coalesced, lost atomic.Uint64
-
 	feed           chan Change
 	feedMu         sync.Mutex // protects feedClosed and orders the drop-oldest sends on feed
 	feedClosed     bool
@@ -810,10 +808,10 @@ func (e *Engine) Stats() Stats {
 		st.Subscriptions += sh.subscriptions
 		st.Friendships += sh.friendships
 		sh.mu.Unlock()
+		st.Delivered += sh.delivered.Load()
+		st.Coalesced += sh.coalesced.Load()
+		st.Lost += sh.lost.Load()
 	}
-	st.Delivered = e.delivered.Load()
-	st.Coalesced = e.coalesced.Load()
-	st.Lost = e.lost.Load()
 	st.ChangesDropped = e.changesDropped.Load()
 	e.snapStat.Lock()
 	st.LastSnapshot, st.LastSnapshotErr = e.lastSnapshot, e.lastSnapshotErr

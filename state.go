@@ -17,6 +17,14 @@ type shard struct {
 
 	wheel *wheel // the engine's, to tell whether a record still has a pending entry
 
+	// Delivery counters for Stats, bumped after the lock is released by the
+	// deliveries of this shard's users. One set per shard, on a cache line
+	// of its own, so that cores delivering for different users do not fight
+	// over one counter.
+	_                          [64]byte
+	delivered, coalesced, lost atomic.Uint64
+	_                          [40]byte
+
 	// edgeMu serializes changes to the outgoing edges (subscription lists and
 	// friend lists) of this shard's users. Such a change touches records in
 	// other shards one lock at a time; holding edgeMu throughout keeps two of
@@ -330,7 +338,7 @@ func (e *Engine) finish(sh *shard, c *change) {
 	u.fanMu.Lock()
 	sh.mu.Unlock()
 	if c.notify {
-		e.fanOut(u, &c.event)
+		sh.addTally(e.fanOut(u, &c.event))
 	}
 	if c.record.Reason != 0 {
 		e.publish(&c.record)
@@ -351,8 +359,9 @@ func (e *Engine) finish(sh *shard, c *change) {
 
 // fanOut delivers ev, a change of u, to every connected session of u, of its
 // subscribers and, with NotifyFriends, of users that list u as a friend; each
-// session once. The caller holds u.fanMu and no shard lock.
-func (e *Engine) fanOut(u *user, ev *Event) {
+// session once, and returns what happened for the counters. The caller holds
+// u.fanMu and no shard lock.
+func (e *Engine) fanOut(u *user, ev *Event) tally {
 	var t tally
 	t.toUser(u, ev)
 	// The sets are walked by hand rather than with userSet.all: an iterator's
@@ -378,7 +387,7 @@ func (e *Engine) fanOut(u *user, ev *Event) {
 			}
 		}
 	}
-	e.addTally(&t)
+	return t
 }
 
 // tally counts one delivery's outcomes so the engine-wide counters are
@@ -395,15 +404,15 @@ func (t *tally) toUser(w *user, ev *Event) {
 	}
 }
 
-func (e *Engine) addTally(t *tally) {
+func (sh *shard) addTally(t tally) {
 	if t.delivered != 0 {
-		e.delivered.Add(t.delivered)
+		sh.delivered.Add(t.delivered)
 	}
 	if t.coalesced != 0 {
-		e.coalesced.Add(t.coalesced)
+		sh.coalesced.Add(t.coalesced)
 	}
 	if t.lost != 0 {
-		e.lost.Add(t.lost)
+		sh.lost.Add(t.lost)
 	}
 }
 

@@ -62,7 +62,7 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 		tu.fanMu.Unlock()
 		seen[id], targets[i] = tu, tu
 	}
-	e.addTally(&t)
+	sh.addTally(t)
 
 	// Then the forward list, in call order, trimmed to the limit.
 	var gone []*user
