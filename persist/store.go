@@ -184,6 +184,10 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 		seq     uint64
 		chunk   []byte
 		txBytes int
+		// Chunks are recycled once their transaction has committed (bbolt
+		// needs a value only until then): a large save then makes little
+		// garbage, and the collector leaves the engine's heap alone.
+		inTx, spare [][]byte
 	)
 	flush := func() error {
 		if len(chunk) == 0 {
@@ -197,7 +201,8 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 			return err
 		}
 		txBytes += len(chunk)
-		chunk = nil // bbolt keeps a reference until commit
+		inTx = append(inTx, chunk)
+		chunk = nil
 		if txBytes < s.tx {
 			return nil
 		}
@@ -206,6 +211,7 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 			return err
 		}
 		txBytes = 0
+		spare, inTx = append(spare, inTx...), inTx[:0]
 		tx, err = s.db.Begin(true)
 		return err
 	}
@@ -214,8 +220,12 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 			return err
 		}
 		for i := range batch {
-			if len(chunk) == 0 {
-				chunk = make([]byte, crcBytes, s.chunk+s.chunk/4) // checksum filled in by flush
+			if len(chunk) == 0 { // room for the checksum, filled in by flush
+				if n := len(spare); n > 0 {
+					chunk, spare = spare[n-1][:crcBytes], spare[:n-1]
+				} else {
+					chunk = make([]byte, crcBytes, s.chunk+s.chunk/4)
+				}
 			}
 			chunk = appendRecord(chunk, &batch[i])
 			if len(chunk) >= s.chunk {
