@@ -442,7 +442,7 @@ func (e *Engine) close() error {
 		sh.mu.Unlock()
 	}
 	for _, s := range ended {
-		close(s.done)
+		s.closeDone()
 	}
 	if e.feed != nil {
 		e.feedMu.Lock()

@@ -24,22 +24,23 @@ import (
 //
 // All methods are safe for concurrent use.
 type Session struct {
-	e    *Engine
-	u    *user
-	dev  *device // the device this session belongs to; dev.session == this while live
-	done chan struct{}
+	e   *Engine
+	u   *user
+	dev *device // the device this session belongs to; dev.session == this while live
 
-	ready  chan struct{} // one token when the mailbox goes from empty to pending
+	ready  chan struct{}                 // one token when the mailbox goes from empty to pending
+	done   atomic.Pointer[chan struct{}] // Done's channel, made on first use
 	ended  atomic.Bool
-	reason atomic.Uint32 // Reason the session ended, set before done is closed
+	reason atomic.Uint32 // Reason the session ended, set before Done is closed
 	lost   atomic.Uint64
 
-	mu  sync.Mutex          // protects box
-	box fifo[string, Event] // pending events keyed by the user they are about, oldest first
+	mu     sync.Mutex          // protects box, closed, and the making of done
+	box    fifo[string, Event] // pending events keyed by the user they are about, oldest first
+	closed bool                // Done's channel is closed, or is to start closed when made
 }
 
 func newSession(e *Engine, u *user, d *device) *Session {
-	return &Session{e: e, u: u, dev: d, done: make(chan struct{}), ready: make(chan struct{}, 1)}
+	return &Session{e: e, u: u, dev: d, ready: make(chan struct{}, 1)}
 }
 
 // UserID returns the user the session belongs to.
@@ -55,7 +56,37 @@ func (s *Session) DeviceID() string { return s.dev.id }
 func (s *Session) Ready() <-chan struct{} { return s.ready }
 
 // Done returns a channel that is closed when the session has ended.
-func (s *Session) Done() <-chan struct{} { return s.done }
+func (s *Session) Done() <-chan struct{} {
+	if d := s.done.Load(); d != nil {
+		return *d
+	}
+	// Made on first use: a million sessions whose hosts never ask cost a
+	// channel less each.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := s.done.Load(); d != nil {
+		return *d
+	}
+	c := make(chan struct{})
+	if s.closed {
+		close(c)
+	}
+	s.done.Store(&c)
+	return c
+}
+
+// closeDone closes Done's channel, or records that a channel made later
+// must start closed. Call it once, after markEnded, with no shard lock held:
+// it wakes readers.
+func (s *Session) closeDone() {
+	s.mu.Lock()
+	s.closed = true
+	d := s.done.Load()
+	s.mu.Unlock()
+	if d != nil {
+		close(*d)
+	}
+}
 
 // EndReason returns why the session ended: ReasonLinkClose, ReasonTimeout,
 // ReasonLogout, ReasonKicked, ReasonLogin (replaced by a new login of the
@@ -98,7 +129,7 @@ func (s *Session) Next(ctx context.Context) (Event, error) {
 		}
 		select {
 		case <-s.ready:
-		case <-s.done:
+		case <-s.Done():
 			if ev, ok := s.pop(); ok {
 				return ev, nil
 			}

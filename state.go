@@ -345,10 +345,10 @@ func (e *Engine) finish(sh *shard, c *change) {
 	}
 	u.fanMu.Unlock()
 	for _, s := range c.ended[:c.nEnded] {
-		close(s.done)
+		s.closeDone()
 	}
 	for _, s := range c.extra {
-		close(s.done)
+		s.closeDone()
 	}
 	if c.mayDrop {
 		sh.mu.Lock()
