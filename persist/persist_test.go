@@ -2,7 +2,6 @@ package persist_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -221,12 +221,12 @@ func TestCrashSafety(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
 	saves := 0 // rounds in which the child saved at least once
 	defer func() {
-		if saves < 5 {
+		if saves < 10 {
 			t.Errorf("only %d of the rounds got as far as a snapshot: the test proves little", saves)
 		}
 	}()
 	for round := range 25 {
-		var out strings.Builder
+		var out syncBuffer
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
 		cmd.Stdout = &out
@@ -234,7 +234,15 @@ func TestCrashSafety(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(time.Duration(50+r.IntN(400)) * time.Millisecond)
+		// Most rounds wait for the child's first save, however slow the
+		// machine, then kill it somewhere in the saves that follow; every
+		// fifth kills it early, during its start or its first save.
+		if round%5 != 0 {
+			for deadline := time.Now().Add(time.Minute); out.Len() == 0 && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		time.Sleep(time.Duration(r.IntN(300)) * time.Millisecond)
 		_ = cmd.Process.Signal(syscall.SIGKILL)
 		_ = cmd.Wait()
 
@@ -290,4 +298,27 @@ func TestCrashSafety(t *testing.T) {
 	}
 }
 
-var _ = errors.Is
+// syncBuffer is a strings.Builder the child's output can be written to
+// while the test polls it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Len()
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
