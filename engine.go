@@ -460,6 +460,9 @@ func (e *Engine) publish(c *Change) {
 	if e.feed == nil {
 		return
 	}
+	if c.Time.IsZero() {
+		c.Time = e.now() // under the user's delivery lock: still in apply order
+	}
 	e.feedMu.Lock()
 	defer e.feedMu.Unlock()
 	if e.feedClosed {
@@ -694,7 +697,9 @@ func (e *Engine) SetSelfStatus(userID, custom string) error {
 	}
 	c := beginChange(u)
 	u.custom = custom
-	sh.settleLocked(&c, e.now(), ReasonCustomStatus, "")
+	// No clock read here: a custom change leaves the status alone, so the
+	// time matters only to the change feed, which takes it if it is on.
+	sh.settleLocked(&c, time.Time{}, ReasonCustomStatus, "")
 	e.finish(sh, &c)
 	return nil
 }

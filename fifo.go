@@ -58,15 +58,6 @@ func (f *fifo[K, V]) find(k K) int32 {
 	return none
 }
 
-// get returns the value stored for k.
-func (f *fifo[K, V]) get(k K) (V, bool) {
-	if i := f.find(k); i != none {
-		return f.nodes[i].val, true
-	}
-	var zero V
-	return zero, false
-}
-
 // has reports whether k is present.
 func (f *fifo[K, V]) has(k K) bool { return f.find(k) != none }
 
@@ -74,15 +65,20 @@ func (f *fifo[K, V]) has(k K) bool { return f.find(k) != none }
 // It reports whether k was present before.
 func (f *fifo[K, V]) put(k K, v V) (replaced bool) {
 	if i := f.find(k); i != none {
-		f.nodes[i].val = v
-		if i != f.tail {
-			f.unlink(i)
-			f.linkNewest(i)
-		}
+		f.replace(i, v)
 		return true
 	}
 	f.putNew(k, v)
 	return false
+}
+
+// replace stores v in node i (from find) and makes it the newest entry.
+func (f *fifo[K, V]) replace(i int32, v V) {
+	f.nodes[i].val = v
+	if i != f.tail {
+		f.unlink(i)
+		f.linkNewest(i)
+	}
 }
 
 // putNew stores v for k as the newest entry; the caller knows k is absent.

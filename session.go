@@ -159,17 +159,21 @@ func (s *Session) push(ev *Event, t *tally) {
 		s.mu.Unlock()
 		return
 	}
-	if prev, ok := s.box.get(ev.UserID); ok && prev.Version > ev.Version {
-		s.mu.Unlock() // never let a reader see a user's version go backwards
-		return
-	}
 	wasEmpty := s.box.len() == 0
-	if s.box.put(ev.UserID, *ev) {
+	if i := s.box.find(ev.UserID); i != none {
+		if s.box.nodes[i].val.Version > ev.Version {
+			s.mu.Unlock() // never let a reader see a user's version go backwards
+			return
+		}
+		s.box.replace(i, *ev)
 		t.coalesced++
-	} else if s.box.len() > s.e.cfg.FeedSize {
-		s.box.popOldest()
-		s.lost.Add(1)
-		t.lost++
+	} else {
+		s.box.putNew(ev.UserID, *ev)
+		if s.box.len() > s.e.cfg.FeedSize {
+			s.box.popOldest()
+			s.lost.Add(1)
+			t.lost++
+		}
 	}
 	s.mu.Unlock()
 	t.delivered++
