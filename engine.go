@@ -460,9 +460,6 @@ func (e *Engine) publish(c *Change) {
 	if e.feed == nil {
 		return
 	}
-	if c.Time.IsZero() {
-		c.Time = e.now() // under the user's delivery lock: still in apply order
-	}
 	e.feedMu.Lock()
 	defer e.feedMu.Unlock()
 	if e.feedClosed {
@@ -697,9 +694,14 @@ func (e *Engine) SetSelfStatus(userID, custom string) error {
 	}
 	c := beginChange(u)
 	u.custom = custom
-	// No clock read here: a custom change leaves the status alone, so the
-	// time matters only to the change feed, which takes it if it is on.
-	sh.settleLocked(&c, time.Time{}, ReasonCustomStatus, "")
+	// The clock is read only for the change feed: a custom change leaves the
+	// status alone, so nothing else of it needs the time. It is read here,
+	// under the shard lock, so that the feed's times follow the apply order.
+	var now time.Time
+	if e.feed != nil {
+		now = e.now()
+	}
+	sh.settleLocked(&c, now, ReasonCustomStatus, "")
 	e.finish(sh, &c)
 	return nil
 }

@@ -310,6 +310,9 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 		u.custom = ""
 	}
 	if st != c.prevStatus {
+		if now.IsZero() {
+			panic("presence: status change settled without a time") // only SetSelfStatus passes none, and it never changes the status
+		}
 		sh.countStatus(c.prevStatus, st)
 		u.status = st
 		if c.prevStatus == Online {

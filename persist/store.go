@@ -115,10 +115,12 @@ func Open(path string, opts *Options) (s *Store, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			db.Close()
+			s = nil
 			panic(r) // on to recoverInto, deferred earlier
 		}
 		if err != nil {
 			db.Close()
+			s = nil
 		}
 	}()
 	s = &Store{db: db, path: path, chunk: o.ChunkBytes, tx: o.TxBytes}
