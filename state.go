@@ -302,7 +302,9 @@ func (c *change) endSession(sh *shard, d *device, why Reason) {
 
 // settleLocked derives the user's status after the change, clears the custom
 // text when the user is no longer Online (in the same step), bumps the
-// version when anything visible moved, and fills in the feed record.
+// version when anything visible moved, and fills in the feed record. now
+// may be zero only for a change that cannot move the status (SetSelfStatus
+// with the change feed off): it would otherwise become the user's idleSince.
 func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID string) {
 	u := c.u
 	st := u.deriveStatus()
@@ -310,9 +312,6 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 		u.custom = ""
 	}
 	if st != c.prevStatus {
-		if now.IsZero() {
-			panic("presence: status change settled without a time") // only SetSelfStatus passes none, and it never changes the status
-		}
 		sh.countStatus(c.prevStatus, st)
 		u.status = st
 		if c.prevStatus == Online {
