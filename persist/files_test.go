@@ -17,7 +17,7 @@ import (
 )
 
 // savedFile writes a small valid snapshot file and returns its path.
-func savedFile(t *testing.T) string {
+func savedFile(t testing.TB) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "presence.db")
 	store := open(t, path)
@@ -119,21 +119,12 @@ func TestUnreadableFiles(t *testing.T) {
 			})
 		}, "format 99"},
 		{"bad record", func(t *testing.T) string {
-			return bboltFile(t, func(tx *bolt.Tx) error {
-				meta, err := tx.CreateBucket([]byte("presence"))
-				if err != nil {
-					return err
-				}
-				meta.Put([]byte("format"), binary.AppendUvarint(nil, 1))
-				meta.Put([]byte("current"), []byte("snapshot-1"))
-				snap, err := tx.CreateBucket([]byte("snapshot-1"))
-				if err != nil {
-					return err
-				}
-				rec := []byte{5, 'a', 'l', 'i', 'c', 'e', 0, 1, 0, 0xff, 0xff, 0xff} // cut off in the devices
-				chunk := binary.BigEndian.AppendUint32(nil, crc32.Checksum(rec, crc32.MakeTable(crc32.Castagnoli)))
-				return snap.Put([]byte("00000001"), append(chunk, rec...))
-			})
+			path := filepath.Join(t.TempDir(), "x.db")
+			rec := []byte{5, 'a', 'l', 'i', 'c', 'e', 0, 1, 0, 0xff, 0xff, 0xff} // cut off in the devices
+			if err := writeChunkFile(path, rec); err != nil {
+				t.Fatal(err)
+			}
+			return path
 		}, "record truncated"},
 		{"flipped bit in a record", func(t *testing.T) string {
 			path := savedFile(t)
@@ -238,4 +229,28 @@ func TestRestoreAfterLoweringLimits(t *testing.T) {
 	if got := e.Stats(); got.Users != 1 || got.Online != 1 { // ...but the user came back
 		t.Errorf("after the restart: %+v, want the saved user back", got)
 	}
+}
+
+// writeChunkFile writes a snapshot file in the current format whose one
+// snapshot is a single chunk holding value, with a correct checksum.
+func writeChunkFile(path string, value []byte) error {
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	return db.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucket([]byte("presence"))
+		if err != nil {
+			return err
+		}
+		meta.Put([]byte("format"), binary.AppendUvarint(nil, 1))
+		meta.Put([]byte("current"), []byte("snapshot-1"))
+		snap, err := tx.CreateBucket([]byte("snapshot-1"))
+		if err != nil {
+			return err
+		}
+		chunk := binary.BigEndian.AppendUint32(nil, crc32.Checksum(value, crc32.MakeTable(crc32.Castagnoli)))
+		return snap.Put([]byte("00000001"), append(chunk, value...))
+	})
 }

@@ -20,7 +20,7 @@ import (
 	"github.com/presencekit/presence/persist"
 )
 
-func open(t *testing.T, path string) *persist.Store {
+func open(t testing.TB, path string) *persist.Store {
 	t.Helper()
 	s, err := persist.Open(path, nil)
 	if err != nil {
