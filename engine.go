@@ -343,6 +343,7 @@ func New(cfg Config) (*Engine, error) {
 	for i := range e.shards {
 		e.shards[i].users = make(map[string]*user)
 		e.shards[i].wheel = e.wheel
+		e.shards[i].records = cfg.ChangeFeedSize > 0
 	}
 	e.query = newQuota(cfg.QueryQuota, cfg.Shards, e.wheel)
 	e.subscribe = newQuota(cfg.SubscribeQuota, cfg.Shards, e.wheel)

@@ -15,7 +15,8 @@ type shard struct {
 	// Counters for Stats, kept as records change so Stats never scans.
 	loggedIn, online, sessions, subscriptions, friendships int
 
-	wheel *wheel // the engine's, to tell whether a record still has a pending entry
+	wheel   *wheel // the engine's, to tell whether a record still has a pending entry
+	records bool   // changes produce Change records (the change feed is on)
 
 	// Delivery counters for Stats, bumped after the lock is released by the
 	// deliveries of this shard's users. One set per shard, on a cache line
@@ -324,7 +325,9 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 		u.version = sh.version
 		c.event = Event{UserStatus: u.view(), Reason: why}
 	}
-	c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom}
+	if sh.records { // with no change feed, nobody would read it
+		c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom}
+	}
 	// Only a change that leaves no device can leave an empty record; any
 	// other record that empties meanwhile is caught by this change's check
 	// or by the check of whoever emptied it.
