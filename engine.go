@@ -572,7 +572,7 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 	if max := e.cfg.MaxDevices; max > 0 && len(u.devices) > max {
 		for _, old := range u.devices[:len(u.devices)-max] {
 			c.endSession(sh, old, ReasonKicked)
-			c.record.Kicked = append(c.record.Kicked, old.id)
+			c.kicked = append(c.kicked, old.id)
 		}
 		u.devices = append(u.devices[:0], u.devices[len(u.devices)-max:]...)
 	}
@@ -580,9 +580,7 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 	d.session, d.loginAt, d.lastSeen = s, now.UnixNano(), now.UnixNano()
 	sh.sessions++
 	u.publishSessionsLocked()
-	kicked := c.record.Kicked
 	sh.settleLocked(&c, now, ReasonLogin, d.id)
-	c.record.Kicked = kicked
 	e.scheduleLocked(u)
 	e.finish(sh, &c)
 	return s, nil
@@ -649,15 +647,14 @@ func (e *Engine) Kick(userID string) error {
 		return newError(ErrNotLoggedIn, op, fmt.Sprintf("user %q has no device logged in", userID))
 	}
 	c := beginChange(u)
-	kicked := make([]string, 0, len(u.devices))
+	c.kicked = make([]string, 0, len(u.devices))
 	for _, d := range u.devices {
 		c.endSession(sh, d, ReasonKicked)
-		kicked = append(kicked, d.id)
+		c.kicked = append(c.kicked, d.id)
 	}
 	u.devices = nil
 	u.publishSessionsLocked()
 	sh.settleLocked(&c, now, ReasonKicked, "")
-	c.record.Kicked = kicked
 	e.scheduleLocked(u)
 	e.finish(sh, &c)
 	return nil

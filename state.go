@@ -37,8 +37,8 @@ type shard struct {
 }
 
 // user is everything the engine knows of one user ID. The record is dropped
-// when it holds nothing (see emptyLocked); versions come from the shard's
-// counter, so a record made again later still moves forward.
+// once it holds nothing (see dropIfEmptyLocked); versions come from the
+// shard's counter, so a record made again later still moves forward.
 type user struct {
 	id        string
 	custom    string
@@ -264,8 +264,9 @@ type change struct {
 	prevStatus Status
 	prevCustom string
 
-	record Change // the feed record; Reason 0 means nothing to record
-	notify bool   // status or custom text changed: deliver event
+	record Change   // the feed record; Reason 0 means nothing to record
+	kicked []string // devices this change pushed out, for the record
+	notify bool     // status or custom text changed: deliver event
 	event  Event
 
 	// Sessions whose Done is closed once the locks are released: the first
@@ -326,7 +327,7 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 		c.event = Event{UserStatus: u.view(), Reason: why}
 	}
 	if sh.records { // with no change feed, nobody would read it
-		c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom}
+		c.record = Change{Time: now, UserID: u.id, DeviceID: deviceID, Reason: why, Status: st, Custom: u.custom, Kicked: c.kicked}
 	}
 	// Only a change that leaves no device can leave an empty record; any
 	// other record that empties meanwhile is caught by this change's check
