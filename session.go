@@ -105,11 +105,8 @@ func (s *Session) Drain(dst []Event) []Event {
 		dst = append(dst, ev)
 		return true
 	})
-	if cap(s.box.nodes) > keptMailbox {
-		s.box = fifo[string, Event]{} // after a burst, give the memory back
-	} else {
-		s.box.reset()
-	}
+	s.box.reset()
+	s.shrinkLocked()
 	s.mu.Unlock()
 	return dst
 }
@@ -118,6 +115,13 @@ func (s *Session) Drain(dst []Event) []Event {
 // for reuse: enough for the usual trickle of events without allocating,
 // little enough that a million idle sessions stay small.
 const keptMailbox = 16
+
+// shrinkLocked gives an emptied mailbox's memory back after a burst.
+func (s *Session) shrinkLocked() {
+	if s.box.len() == 0 && cap(s.box.nodes) > keptMailbox {
+		s.box = fifo[string, Event]{}
+	}
+}
 
 // Next returns the oldest pending event, waiting for one if none is pending.
 // It returns ErrSessionEnded once the session has ended and nothing is left
@@ -143,9 +147,7 @@ func (s *Session) Next(ctx context.Context) (Event, error) {
 func (s *Session) pop() (Event, bool) {
 	s.mu.Lock()
 	_, ev, ok := s.box.popOldest()
-	if s.box.len() == 0 && cap(s.box.nodes) > keptMailbox {
-		s.box = fifo[string, Event]{}
-	}
+	s.shrinkLocked()
 	s.mu.Unlock()
 	return ev, ok
 }
