@@ -177,8 +177,9 @@ type Stats struct {
 	Lost           uint64 // pending events dropped from full mailboxes
 	ChangesDropped uint64 // Change records dropped from a full change feed
 
-	LastSnapshot    time.Time // zero if none yet
-	LastSnapshotErr error     // nil if the last one succeeded
+	LastSnapshot     time.Time // zero if none yet
+	LastSnapshotErr  error     // nil if the last one succeeded
+	SnapshotFailures uint64    // saves that failed since New (errors, Config.SnapshotTimeout, Close)
 }
 
 // Config configures an Engine. The zero value is the reference service's
@@ -209,6 +210,7 @@ type Config struct {
 
 	Store            Store         // nil -> memory only
 	SnapshotInterval time.Duration // 0 -> 1 minute when Store is set
+	SnapshotTimeout  time.Duration // 0 -> 1 minute: bounds every Save, and the Load in New
 }
 
 // withDefaults fills in zero fields and rejects impossible values, naming
@@ -224,6 +226,7 @@ func (c Config) withDefaults() (Config, error) {
 		{"SessionExpiry", &c.SessionExpiry, 7 * 24 * time.Hour},
 		{"SubscriptionTTL", &c.SubscriptionTTL, 24 * time.Hour},
 		{"SnapshotInterval", &c.SnapshotInterval, time.Minute},
+		{"SnapshotTimeout", &c.SnapshotTimeout, time.Minute},
 	}
 	for _, d := range durations {
 		if *d.v < 0 {
@@ -313,9 +316,10 @@ type Engine struct {
 
 	stopSnapshots   context.CancelFunc // ends the background snapshot loop and its save in flight
 	snapMu          sync.Mutex         // serializes snapshots
-	snapStat        sync.Mutex         // protects lastSnapshot and lastSnapshotErr
+	snapStat        sync.Mutex         // protects lastSnapshot, lastSnapshotErr and snapFailures
 	lastSnapshot    time.Time
 	lastSnapshotErr error
+	snapFailures    uint64
 }
 
 // tick is the wheel's resolution: every deadline fires within one tick.
@@ -352,7 +356,10 @@ func New(cfg Config) (*Engine, error) {
 		e.feed = make(chan Change, cfg.ChangeFeedSize)
 	}
 	if cfg.Store != nil {
-		if err := e.restore(context.Background()); err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.SnapshotTimeout)
+		err := e.restore(ctx)
+		cancel()
+		if err != nil {
 			return nil, fmt.Errorf("presence: restoring from Config.Store: %w", err)
 		}
 	}
@@ -819,7 +826,7 @@ func (e *Engine) Stats() Stats {
 	}
 	st.ChangesDropped = e.changesDropped.Load()
 	e.snapStat.Lock()
-	st.LastSnapshot, st.LastSnapshotErr = e.lastSnapshot, e.lastSnapshotErr
+	st.LastSnapshot, st.LastSnapshotErr, st.SnapshotFailures = e.lastSnapshot, e.lastSnapshotErr, e.snapFailures
 	e.snapStat.Unlock()
 	return st
 }

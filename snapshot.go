@@ -18,7 +18,9 @@ import (
 //
 // The engine calls Save and Load from one goroutine at a time and never
 // while holding a lock that guards its state (only the one that keeps two
-// snapshots from overlapping).
+// snapshots from overlapping). Each call's ctx ends after
+// Config.SnapshotTimeout; both must return soon after it does, since a
+// stalled Save holds up the next snapshot and Close.
 type Store interface {
 	// Save replaces the stored state with the records that records yields,
 	// in batches. The replacement must be atomic: after a crash at any
@@ -198,6 +200,8 @@ func (e *Engine) save(ctx context.Context, final bool) error {
 	if !final && e.closed.Load() {
 		return closedError("Snapshot")
 	}
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.SnapshotTimeout)
+	defer cancel()
 	err := ctx.Err()
 	if err == nil {
 		err = e.cfg.Store.Save(ctx, e.records(ctx))
@@ -208,6 +212,8 @@ func (e *Engine) save(ctx context.Context, final bool) error {
 	e.snapStat.Lock()
 	if err == nil {
 		e.lastSnapshot = e.now()
+	} else {
+		e.snapFailures++
 	}
 	e.lastSnapshotErr = err
 	e.snapStat.Unlock()
