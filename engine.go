@@ -299,8 +299,11 @@ type Engine struct {
 	cfg    Config
 	seed   maphash.Seed
 	shards []shard
-	mask   uint64
-	wheel  *wheel
+	mask   uint64 // hash -> shard index
+	// keyMask is all ones. Tests narrow it right after New so that IDs
+	// clash often and shard.clash is exercised.
+	keyMask uint64
+	wheel   *wheel
 
 	query, subscribe, unsubscribe *quota
 
@@ -337,15 +340,16 @@ func New(cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{
-		cfg:    cfg,
-		seed:   maphash.MakeSeed(),
-		shards: make([]shard, cfg.Shards),
-		mask:   uint64(cfg.Shards - 1),
-		stop:   make(chan struct{}),
+		cfg:     cfg,
+		seed:    maphash.MakeSeed(),
+		shards:  make([]shard, cfg.Shards),
+		mask:    uint64(cfg.Shards - 1),
+		keyMask: ^uint64(0),
+		stop:    make(chan struct{}),
 	}
 	e.wheel = newWheel(e.now(), tick)
 	for i := range e.shards {
-		e.shards[i].users = make(map[string]*user)
+		e.shards[i].users = make(map[uint64]*user)
 		e.shards[i].wheel = e.wheel
 		e.shards[i].records = cfg.ChangeFeedSize > 0
 	}
@@ -377,9 +381,14 @@ func New(cfg Config) (*Engine, error) {
 // now is the one place the engine reads the clock.
 func (e *Engine) now() time.Time { return time.Now() }
 
-func (e *Engine) shardFor(id string) *shard {
-	return &e.shards[maphash.String(e.seed, id)&e.mask]
+// locate hashes id once: the hash picks the shard and keys its index.
+func (e *Engine) locate(id string) (*shard, key) {
+	h := maphash.String(e.seed, id) & e.keyMask
+	return &e.shards[h&e.mask], key{h, id}
 }
+
+// shardOf returns the shard holding u, without hashing again.
+func (e *Engine) shardOf(u *user) *shard { return &e.shards[u.hash&e.mask] }
 
 // run fires the wheel's deadlines once a tick until Close.
 func (e *Engine) run() {
@@ -436,7 +445,7 @@ func (e *Engine) close() error {
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
-		for _, u := range sh.users {
+		for u := range sh.all {
 			for _, d := range u.devices {
 				if d.session != nil {
 					d.session.markEnded(0)
@@ -559,13 +568,13 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 		return nil, err
 	}
 	now := e.now()
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.mu.Lock()
 	if e.closed.Load() { // checked under the lock so Close's sweep sees every session
 		sh.mu.Unlock()
 		return nil, closedError(op)
 	}
-	u := sh.getOrCreateLocked(userID)
+	u := sh.getOrCreateLocked(k)
 	c := beginChange(u)
 	i, d := u.device(deviceID)
 	if d != nil {
@@ -607,9 +616,9 @@ func (e *Engine) Logout(userID, deviceID string) error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.mu.Lock()
-	u := sh.getLocked(userID)
+	u := sh.getLocked(k)
 	i := -1
 	if u != nil {
 		i, _ = u.device(deviceID)
@@ -646,9 +655,9 @@ func (e *Engine) Kick(userID string) error {
 		return closedError(op)
 	}
 	now := e.now()
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.mu.Lock()
-	u := sh.getLocked(userID)
+	u := sh.getLocked(k)
 	if u == nil || len(u.devices) == 0 {
 		sh.mu.Unlock()
 		return newError(ErrNotLoggedIn, op, fmt.Sprintf("user %q has no device logged in", userID))
@@ -686,9 +695,9 @@ func (e *Engine) SetSelfStatus(userID, custom string) error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.mu.Lock()
-	u := sh.getLocked(userID)
+	u := sh.getLocked(k)
 	if u == nil || u.status != Online {
 		sh.mu.Unlock()
 		return newError(ErrNotLoggedIn, op, "user "+userID+" is not online")
@@ -743,9 +752,9 @@ func (e *Engine) GetUserStatus(callerID string, userIDs []string) ([]UserStatus,
 	}
 	out := make([]UserStatus, len(userIDs))
 	for i, id := range userIDs {
-		sh := e.shardFor(id)
+		sh, k := e.locate(id)
 		sh.mu.Lock()
-		if u := sh.getLocked(id); u != nil {
+		if u := sh.getLocked(k); u != nil {
 			out[i] = u.view()
 			if id == callerID {
 				out[i].Devices = u.onlineDevices()
@@ -783,9 +792,9 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 		if e.checkID("", "", id) != nil {
 			continue // Status Unknown
 		}
-		sh := e.shardFor(id)
+		sh, k := e.locate(id)
 		sh.mu.Lock()
-		u := sh.getLocked(id)
+		u := sh.getLocked(k)
 		if u == nil {
 			out[i].Status = Unlogined
 			sh.mu.Unlock()

@@ -18,10 +18,10 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
-	a := e.pin(sh, userID)
+	a := e.pin(sh, k)
 
 	// Count the new edges before changing anything: over the limit, the
 	// call fails whole.
@@ -32,9 +32,9 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 			continue
 		}
 		seen[id] = true
-		fsh := e.shardFor(id)
+		fsh, fk := e.locate(id)
 		fsh.mu.Lock()
-		already := fsh.getLocked(id).friendOf(a)
+		already := fsh.getLocked(fk).friendOf(a)
 		fsh.mu.Unlock()
 		if !already {
 			fresh = append(fresh, id)
@@ -51,9 +51,9 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 
 	added := make([]*user, 0, len(fresh))
 	for _, id := range fresh {
-		fsh := e.shardFor(id)
+		fsh, fk := e.locate(id)
 		fsh.mu.Lock()
-		f := fsh.getOrCreateLocked(id)
+		f := fsh.getOrCreateLocked(fk)
 		f.fanMu.Lock()
 		f.edgesLocked().friendOf.add(a)
 		f.fanMu.Unlock()
@@ -83,19 +83,19 @@ func (e *Engine) RemoveFriends(userID string, friendIDs ...string) error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
 	sh.mu.Lock()
-	a := sh.getLocked(userID)
+	a := sh.getLocked(k)
 	sh.mu.Unlock()
 	if a == nil {
 		return nil
 	}
 	for _, id := range friendIDs {
-		fsh := e.shardFor(id)
+		fsh, fk := e.locate(id)
 		fsh.mu.Lock()
-		f := fsh.getLocked(id)
+		f := fsh.getLocked(fk)
 		linked := f.friendOf(a)
 		if linked {
 			f.fanMu.Lock()

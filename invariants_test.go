@@ -13,10 +13,10 @@ import (
 // returns the first disagreement found.
 func (e *Engine) checkInvariants() error {
 	live := func(u *user) bool {
-		sh := e.shardFor(u.id)
+		sh := e.shardOf(u)
 		sh.mu.Lock()
 		defer sh.mu.Unlock()
-		return sh.users[u.id] == u
+		return sh.holdsLocked(u)
 	}
 	for i := range e.shards {
 		sh := &e.shards[i]
@@ -24,8 +24,8 @@ func (e *Engine) checkInvariants() error {
 		var loggedIn, online, sessions, subs, friends int
 		var err error
 		var others []*user // records to check in other shards once this lock is released
-		for id, u := range sh.users {
-			if err = e.checkRecordLocked(sh, id, u); err != nil {
+		for u := range sh.all {
+			if err = e.checkRecordLocked(sh, u); err != nil {
 				break
 			}
 			if u.status != Unlogined {
@@ -95,10 +95,16 @@ func (e *Engine) checkInvariants() error {
 }
 
 // checkRecordLocked checks one record against itself and the limits.
-func (e *Engine) checkRecordLocked(sh *shard, id string, u *user) error {
+func (e *Engine) checkRecordLocked(sh *shard, u *user) error {
+	id := u.id
+	lsh, k := e.locate(id)
 	switch {
-	case u.id != id || e.shardFor(id) != sh:
-		return fmt.Errorf("record %q filed under %q or in the wrong shard", u.id, id)
+	case lsh != sh || k.hash != u.hash || sh.getLocked(k) != u:
+		return fmt.Errorf("record %q in the wrong shard, under the wrong hash, or not found by its ID", id)
+	case sh.users[u.hash] != u && sh.clash[id] != u:
+		return fmt.Errorf("record %q not indexed under its hash nor as a clash", id)
+	case sh.users[u.hash] != u && sh.users[u.hash] == nil:
+		return fmt.Errorf("record %q is a clash with a free hash slot", id)
 	case u.pins != 0:
 		return fmt.Errorf("%s: %d pins left", id, u.pins)
 	case u.emptyLocked() && (u.timerAt == 0 || e.wheel.fired(u.timerAt)):

@@ -207,7 +207,7 @@ func (s *Session) Heartbeat() error {
 		return closedError(op)
 	}
 	now := e.now()
-	sh := e.shardFor(s.u.id)
+	sh := e.shardOf(s.u)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if s.dev.session != s {
@@ -229,7 +229,7 @@ func (s *Session) Disconnect() error {
 		return closedError(op)
 	}
 	now := e.now()
-	sh := e.shardFor(s.u.id)
+	sh := e.shardOf(s.u)
 	sh.mu.Lock()
 	if s.dev.session != s {
 		sh.mu.Unlock()
@@ -261,7 +261,7 @@ func (s *Session) Logout() error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	sh := e.shardFor(s.u.id)
+	sh := e.shardOf(s.u)
 	sh.mu.Lock()
 	if s.dev.session != s {
 		sh.mu.Unlock()

@@ -103,7 +103,7 @@ func (e *Engine) copyRecords(ctx context.Context, empty <-chan []Record, full ch
 		sh := &e.shards[i]
 		users = users[:0]
 		sh.mu.Lock()
-		for _, u := range sh.users {
+		for u := range sh.all {
 			if u.hasOwnState() {
 				users = append(users, u)
 			}
@@ -123,7 +123,7 @@ func (e *Engine) copyRecords(ctx context.Context, empty <-chan []Record, full ch
 			batch = batch[:0]
 			sh.mu.Lock()
 			for _, u := range users[:n] {
-				if sh.users[u.id] == u && u.hasOwnState() {
+				if sh.holdsLocked(u) && u.hasOwnState() {
 					batch = batch[:len(batch)+1]
 					u.recordLocked(&batch[len(batch)-1])
 				}
@@ -264,6 +264,11 @@ func (e *Engine) restore(ctx context.Context) error {
 		wg.Wait()
 		return errors.Join(errs...)
 	})
+	if err == nil {
+		// A Store that dropped add's error must not leave a half-restored
+		// engine behind.
+		err = errors.Join(errs...)
+	}
 	if err != nil {
 		return err
 	}
@@ -271,7 +276,7 @@ func (e *Engine) restore(ctx context.Context) error {
 		sh := &e.shards[i]
 		sh.mu.Lock()
 		sh.version = max(sh.version, top.Load()) // records re-made later stay ahead of every saved version
-		for _, u := range sh.users {
+		for u := range sh.all {
 			e.scheduleLocked(u)
 		}
 		sh.mu.Unlock()
@@ -317,9 +322,9 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 		}
 	}
 
-	sh := e.shardFor(r.UserID)
+	sh, k := e.locate(r.UserID)
 	sh.mu.Lock()
-	u := sh.getOrCreateLocked(r.UserID)
+	u := sh.getOrCreateLocked(k)
 	if u.hasOwnState() || u.pins != 0 { // pinned: another worker is restoring the same user
 		sh.mu.Unlock()
 		return bad("user saved twice")
@@ -389,10 +394,10 @@ func (e *Engine) restoreRecord(r *Record, now time.Time) error {
 
 // linkRestored adds u to the reverse index (subscribers or friendOf) of id.
 func (e *Engine) linkRestored(id string, u *user, friend bool) *user {
-	tsh := e.shardFor(id)
+	tsh, tk := e.locate(id)
 	tsh.mu.Lock()
 	defer tsh.mu.Unlock()
-	t := tsh.getOrCreateLocked(id)
+	t := tsh.getOrCreateLocked(tk)
 	// No delivery can run before New returns, so the shard lock alone
 	// guards the index here.
 	// Each record's lists were checked for repeats, and each record comes

@@ -8,8 +8,9 @@ import (
 
 // shard holds the user records whose IDs hash to it.
 type shard struct {
-	mu      sync.Mutex       // protects users, version, the counters below and every record in users
-	users   map[string]*user // user ID -> record
+	mu      sync.Mutex       // protects users, clash, version, the counters below and every record in them
+	users   map[uint64]*user // hash of the user ID -> record
+	clash   map[string]*user // records whose hash another record already holds in users; nil while there are none
 	version uint64           // last version handed out here; records take theirs from it
 
 	// Counters for Stats, kept as records change so Stats never scans.
@@ -41,6 +42,7 @@ type shard struct {
 // shard's counter, so a record made again later still moves forward.
 type user struct {
 	id        string
+	hash      uint64 // of id: picks the shard and keys the shard's index
 	custom    string
 	version   uint64
 	status    Status
@@ -201,19 +203,84 @@ type sessionList struct {
 	one [1]*Session
 }
 
-func (sh *shard) getLocked(id string) *user { return sh.users[id] }
+// key names a user ID and its hash, computed once per call by
+// Engine.locate. The shard's index is keyed by the hash alone: hashing an
+// 8-byte key and comparing it is cheaper than hashing and comparing the
+// string, and the slot is smaller. Two IDs with one 64-bit hash are
+// possible, if unlikely (odds of about 1 in 3*10^7 at a million users), so
+// such a second ID goes to shard.clash, keyed by the ID itself.
+type key struct {
+	hash uint64
+	id   string
+}
 
-// getOrCreateLocked returns the record for id, making an empty one if needed.
+func (sh *shard) getLocked(k key) *user {
+	if u := sh.users[k.hash]; u != nil && u.id == k.id {
+		return u
+	}
+	if sh.clash != nil {
+		return sh.clash[k.id]
+	}
+	return nil
+}
+
+// holdsLocked reports whether u is the live record for its ID.
+func (sh *shard) holdsLocked(u *user) bool {
+	return sh.users[u.hash] == u || (sh.clash != nil && sh.clash[u.id] == u)
+}
+
+// getOrCreateLocked returns the record for k, making an empty one if needed.
 // The caller must leave it non-empty or call dropIfEmptyLocked.
-func (sh *shard) getOrCreateLocked(id string) *user {
-	if u := sh.users[id]; u != nil {
+func (sh *shard) getOrCreateLocked(k key) *user {
+	if u := sh.getLocked(k); u != nil {
 		return u
 	}
 	// Clone: the caller's string may be a slice of a larger buffer, and the
 	// record's copy is the one every index points at.
-	u := &user{id: cloneString(id), status: Unlogined, version: sh.version}
-	sh.users[u.id] = u
+	u := &user{id: cloneString(k.id), hash: k.hash, status: Unlogined, version: sh.version}
+	if sh.users[k.hash] == nil {
+		sh.users[k.hash] = u
+	} else {
+		if sh.clash == nil {
+			sh.clash = make(map[string]*user)
+		}
+		sh.clash[u.id] = u
+	}
 	return u
+}
+
+// deleteLocked removes u, which the shard holds, from the index. If u held
+// a hash slot that a clashing record shares, that record takes the slot.
+func (sh *shard) deleteLocked(u *user) {
+	if sh.users[u.hash] != u {
+		delete(sh.clash, u.id)
+	} else {
+		delete(sh.users, u.hash)
+		for id, c := range sh.clash {
+			if c.hash == u.hash {
+				sh.users[u.hash] = c
+				delete(sh.clash, id)
+				break
+			}
+		}
+	}
+	if len(sh.clash) == 0 {
+		sh.clash = nil
+	}
+}
+
+// all yields every record the shard holds. Call with the lock held.
+func (sh *shard) all(yield func(*user) bool) {
+	for _, u := range sh.users {
+		if !yield(u) {
+			return
+		}
+	}
+	for _, u := range sh.clash {
+		if !yield(u) {
+			return
+		}
+	}
 }
 
 // dropIfEmptyLocked deletes u's record if it holds nothing. A delivery of u's
@@ -227,11 +294,11 @@ func (sh *shard) getOrCreateLocked(id string) *user {
 // so a user logging in and out in a loop would grow the wheel without
 // bound. Kept, the record is reused, entry and all.
 func (sh *shard) dropIfEmptyLocked(u *user) {
-	if !u.emptyLocked() || sh.users[u.id] != u || (u.timerAt != 0 && !sh.wheel.fired(u.timerAt)) {
+	if !u.emptyLocked() || !sh.holdsLocked(u) || (u.timerAt != 0 && !sh.wheel.fired(u.timerAt)) {
 		return
 	}
 	if u.fanMu.TryLock() {
-		delete(sh.users, u.id)
+		sh.deleteLocked(u)
 		u.fanMu.Unlock()
 	}
 }
@@ -473,10 +540,10 @@ func (e *Engine) nextDeadline(u *user) int64 {
 // expire is called by the wheel: it applies, one change at a time, whatever
 // is due for u, then clears u's subscriptions if they have outlived the TTL.
 func (u *user) expire(e *Engine, now time.Time) {
-	sh := e.shardFor(u.id)
+	sh := e.shardOf(u)
 	for {
 		sh.mu.Lock()
-		if sh.users[u.id] != u || e.closed.Load() {
+		if !sh.holdsLocked(u) || e.closed.Load() {
 			sh.mu.Unlock()
 			return
 		}
@@ -488,7 +555,7 @@ func (u *user) expire(e *Engine, now time.Time) {
 			sh.dropIfEmptyLocked(u) // kept only for its wheel entry, which this was
 			sh.mu.Unlock()
 			if ttl {
-				e.clearIdleSubscriptions(u.id, now)
+				e.clearIdleSubscriptions(u, now)
 			}
 			return
 		}

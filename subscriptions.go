@@ -35,10 +35,10 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 	}
 
 	now := e.now()
-	sh := e.shardFor(callerID)
+	sh, k := e.locate(callerID)
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
-	a := e.pin(sh, callerID)
+	a := e.pin(sh, k)
 
 	// Reverse edges first, each with the target's state delivered under its
 	// delivery lock, so the initial state and the changes after it reach the
@@ -51,9 +51,9 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 			targets[i] = tu
 			continue
 		}
-		tsh := e.shardFor(id)
+		tsh, tk := e.locate(id)
 		tsh.mu.Lock()
-		tu := tsh.getOrCreateLocked(id)
+		tu := tsh.getOrCreateLocked(tk)
 		tu.fanMu.Lock()
 		tu.edgesLocked().subscribers.add(a)
 		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
@@ -107,25 +107,25 @@ func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error 
 	if err := e.meter(op, e.unsubscribe, callerID); err != nil {
 		return err
 	}
-	sh := e.shardFor(callerID)
+	sh, k := e.locate(callerID)
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
 	if len(userIDs) == 0 {
-		e.unsubscribeAll(sh, callerID, nil)
+		e.unsubscribeAll(sh, k, nil)
 		return nil
 	}
 	// Resolve the targets first: their records live in other shards.
 	targets := make([]*user, 0, len(userIDs))
 	for _, id := range userIDs {
-		tsh := e.shardFor(id)
+		tsh, tk := e.locate(id)
 		tsh.mu.Lock()
-		if tu := tsh.getLocked(id); tu != nil {
+		if tu := tsh.getLocked(tk); tu != nil {
 			targets = append(targets, tu)
 		}
 		tsh.mu.Unlock()
 	}
 	sh.mu.Lock()
-	a := sh.getLocked(callerID)
+	a := sh.getLocked(k)
 	if a == nil || a.subCount() == 0 {
 		sh.mu.Unlock()
 		return nil
@@ -146,12 +146,12 @@ func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error 
 	return nil
 }
 
-// unsubscribeAll clears the subscription list of id. With idle set, it does
+// unsubscribeAll clears the subscription list of k's user. With idle set, it does
 // so only if the user is still idle past the TTL at that moment. The caller
 // holds sh.edgeMu.
-func (e *Engine) unsubscribeAll(sh *shard, id string, idle *time.Time) {
+func (e *Engine) unsubscribeAll(sh *shard, k key, idle *time.Time) {
 	sh.mu.Lock()
-	a := sh.getLocked(id)
+	a := sh.getLocked(k)
 	if a == nil || a.subCount() == 0 ||
 		(idle != nil && (a.status == Online || idle.UnixNano() < a.idleSince+int64(e.cfg.SubscriptionTTL))) {
 		sh.mu.Unlock()
@@ -173,12 +173,13 @@ func (e *Engine) unsubscribeAll(sh *shard, id string, idle *time.Time) {
 }
 
 // clearIdleSubscriptions is the subscription TTL: it runs from the wheel
-// when id has not been Online for Config.SubscriptionTTL.
-func (e *Engine) clearIdleSubscriptions(id string, now time.Time) {
-	sh := e.shardFor(id)
+// when u has not been Online for Config.SubscriptionTTL. u itself may have
+// been dropped and made again since; the key finds the live record.
+func (e *Engine) clearIdleSubscriptions(u *user, now time.Time) {
+	sh, k := e.shardOf(u), key{u.hash, u.id}
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
-	e.unsubscribeAll(sh, id, &now)
+	e.unsubscribeAll(sh, k, &now)
 }
 
 // Subscriptions returns userID's subscription targets, oldest first, or nil
@@ -187,10 +188,10 @@ func (e *Engine) Subscriptions(userID string) []string {
 	if e.closed.Load() || e.checkID("", "", userID) != nil {
 		return nil
 	}
-	sh := e.shardFor(userID)
+	sh, k := e.locate(userID)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	a := sh.getLocked(userID)
+	a := sh.getLocked(k)
 	if a == nil || a.subCount() == 0 {
 		return nil
 	}
@@ -214,12 +215,12 @@ func (e *Engine) checkEdgeCall(op, callerID string, userIDs []string, emptyOK bo
 	return e.checkIDs(op, userIDs, e.cfg.MaxSubscribeIDs)
 }
 
-// pin returns the record of id, made if needed, and keeps it from being
+// pin returns the record of k's user, made if needed, and keeps it from being
 // dropped until the caller decrements pins under sh.mu. The caller holds
 // sh.edgeMu.
-func (e *Engine) pin(sh *shard, id string) *user {
+func (e *Engine) pin(sh *shard, k key) *user {
 	sh.mu.Lock()
-	a := sh.getOrCreateLocked(id)
+	a := sh.getOrCreateLocked(k)
 	a.pins++
 	sh.mu.Unlock()
 	return a
@@ -227,7 +228,7 @@ func (e *Engine) pin(sh *shard, id string) *user {
 
 // unlinkSubscriber removes subscriber a from tu's reverse index.
 func (e *Engine) unlinkSubscriber(tu, a *user) {
-	tsh := e.shardFor(tu.id)
+	tsh := e.shardOf(tu)
 	tsh.mu.Lock()
 	tu.fanMu.Lock()
 	tu.edges.Load().subscribers.remove(a)
