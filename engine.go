@@ -317,8 +317,9 @@ type Engine struct {
 	feedClosed     bool
 	changesDropped atomic.Uint64
 
-	stopSnapshots   context.CancelFunc // ends the background snapshot loop and its save in flight
-	snapMu          sync.Mutex         // serializes snapshots
+	closing         context.Context    // ends when Close begins: stops the snapshot loop and every save but Close's own
+	stopSnapshots   context.CancelFunc // ends closing
+	snapTurn        chan struct{}      // one slot, held by the snapshot running
 	snapStat        sync.Mutex         // protects lastSnapshot, lastSnapshotErr and snapFailures
 	lastSnapshot    time.Time
 	lastSnapshotErr error
@@ -340,13 +341,15 @@ func New(cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	e := &Engine{
-		cfg:     cfg,
-		seed:    maphash.MakeSeed(),
-		shards:  make([]shard, cfg.Shards),
-		mask:    uint64(cfg.Shards - 1),
-		keyMask: ^uint64(0),
-		stop:    make(chan struct{}),
+		cfg:      cfg,
+		seed:     maphash.MakeSeed(),
+		shards:   make([]shard, cfg.Shards),
+		mask:     uint64(cfg.Shards - 1),
+		keyMask:  ^uint64(0),
+		stop:     make(chan struct{}),
+		snapTurn: make(chan struct{}, 1),
 	}
+	e.closing, e.stopSnapshots = context.WithCancel(context.Background())
 	e.wheel = newWheel(e.now(), tick)
 	for i := range e.shards {
 		e.shards[i].users = make(map[uint64]*user)
@@ -363,17 +366,19 @@ func New(cfg Config) (*Engine, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.SnapshotTimeout)
 		err := e.restore(ctx)
 		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("took longer than Config.SnapshotTimeout (%v): %w", cfg.SnapshotTimeout, err)
+		}
 		if err != nil {
+			e.stopSnapshots()
 			return nil, fmt.Errorf("presence: restoring from Config.Store: %w", err)
 		}
 	}
 	e.wg.Add(1)
 	go e.run()
 	if cfg.Store != nil {
-		ctx, cancel := context.WithCancel(context.Background())
-		e.stopSnapshots = cancel
 		e.wg.Add(1)
-		go e.snapshotLoop(ctx)
+		go e.snapshotLoop()
 	}
 	return e, nil
 }
@@ -415,7 +420,8 @@ func (e *Engine) run() {
 // Config.Store if one is set (devices still online are saved as such, so a
 // quick restart is invisible), ends every session (Done closes, EndReason
 // 0) and closes the change feed. It returns the final snapshot's error.
-// Later calls of any method return ErrClosed. A Close made while another
+// Later calls return ErrClosed once their arguments pass the usual checks
+// (invalid arguments still get ErrInvalidParam). A Close made while another
 // is running waits for it to finish, then returns nil.
 func (e *Engine) Close() error {
 	err := errAlreadyClosed
@@ -433,9 +439,7 @@ var errAlreadyClosed = errors.New("already closed")
 func (e *Engine) close() error {
 	e.closed.Store(true)
 	close(e.stop)
-	if e.stopSnapshots != nil {
-		e.stopSnapshots()
-	}
+	e.stopSnapshots()
 	e.wg.Wait()
 	var err error
 	if e.cfg.Store != nil {
@@ -567,13 +571,13 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 	if err := e.checkID(op, "device ID", deviceID); err != nil {
 		return nil, err
 	}
-	now := e.now()
 	sh, k := e.locate(userID)
 	sh.mu.Lock()
 	if e.closed.Load() { // checked under the lock so Close's sweep sees every session
 		sh.mu.Unlock()
 		return nil, closedError(op)
 	}
+	now := e.now() // under the lock, so one user's changes carry times in the order they apply
 	u := sh.getOrCreateLocked(k)
 	c := beginChange(u)
 	i, d := u.device(deviceID)
@@ -654,9 +658,9 @@ func (e *Engine) Kick(userID string) error {
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	now := e.now()
 	sh, k := e.locate(userID)
 	sh.mu.Lock()
+	now := e.now() // under the lock, as in Login
 	u := sh.getLocked(k)
 	if u == nil || len(u.devices) == 0 {
 		sh.mu.Unlock()

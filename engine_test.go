@@ -12,6 +12,7 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -2059,4 +2060,31 @@ func TestDeviceInGraceCountsAsOnlineUntilItLogsOut(t *testing.T) {
 			presence.Change{UserID: "bob", DeviceID: "phone", Reason: presence.ReasonLogout, Status: unlogined},
 		)
 	})
+}
+
+// One user's changes carry times in the order they were applied, even when
+// two devices log in at once: the clock is read under the shard lock.
+func TestFeedTimesOfOneUserNeverGoBack(t *testing.T) {
+	const logins = 5000
+	e := newEngine(t, presence.Config{ChangeFeedSize: 2 * logins})
+	var wg sync.WaitGroup
+	for _, dev := range []string{"phone", "laptop"} {
+		wg.Go(func() {
+			for range logins {
+				if _, err := e.Login("ann", dev); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	var prev presence.Change
+	for range 2 * logins {
+		c := <-e.Changes()
+		if c.Time.Before(prev.Time) {
+			t.Fatalf("record %v of %s at %v follows one at %v", c.Reason, c.DeviceID, c.Time, prev.Time)
+		}
+		prev = c
+	}
 }

@@ -73,8 +73,8 @@ func (e *Engine) AddFriends(userID string, friendIDs ...string) error {
 }
 
 // RemoveFriends removes friendIDs from userID's friends; IDs that are not
-// friends are ignored. The list must hold at least one valid ID (else
-// ErrInvalidParam).
+// friends are ignored. The list must hold at least one valid ID, and not
+// userID itself (else ErrInvalidParam).
 func (e *Engine) RemoveFriends(userID string, friendIDs ...string) error {
 	const op = "RemoveFriends"
 	if err := e.checkFriendCall(op, userID, friendIDs); err != nil {

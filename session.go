@@ -137,7 +137,7 @@ func (s *Session) Next(ctx context.Context) (Event, error) {
 			if ev, ok := s.pop(); ok {
 				return ev, nil
 			}
-			return Event{}, newError(ErrSessionEnded, "Next", "session of "+s.u.id+"/"+s.dev.id+" has ended")
+			return Event{}, newError(ErrSessionEnded, "Session.Next", "session of "+s.u.id+"/"+s.dev.id+" has ended")
 		case <-ctx.Done():
 			return Event{}, ctx.Err()
 		}
@@ -201,14 +201,14 @@ func (s *Session) markEnded(why Reason) {
 // Config.HeartbeatTimeout into the future. It returns ErrSessionEnded once
 // the session has ended: the host then logs the device in again.
 func (s *Session) Heartbeat() error {
-	const op = "Heartbeat"
+	const op = "Session.Heartbeat"
 	e := s.e
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	now := e.now()
 	sh := e.shardOf(s.u)
 	sh.mu.Lock()
+	now := e.now() // under the lock: a device's times and its user's changes never go back
 	defer sh.mu.Unlock()
 	if s.dev.session != s {
 		return s.endedError(op)
@@ -223,14 +223,14 @@ func (s *Session) Heartbeat() error {
 // online, the user becomes Offline (ReasonLinkClose), after
 // Config.DisconnectGrace if one is set.
 func (s *Session) Disconnect() error {
-	const op = "Disconnect"
+	const op = "Session.Disconnect"
 	e := s.e
 	if e.closed.Load() {
 		return closedError(op)
 	}
-	now := e.now()
 	sh := e.shardOf(s.u)
 	sh.mu.Lock()
+	now := e.now() // under the lock: a device's times and its user's changes never go back
 	if s.dev.session != s {
 		sh.mu.Unlock()
 		return s.endedError(op)

@@ -177,7 +177,9 @@ func (u *user) recordLocked(r *Record) {
 }
 
 // Snapshot saves the engine's state to Config.Store now and waits for it.
-// Only one snapshot runs at a time; a call made during another waits for it.
+// Only one snapshot runs at a time; a call made during another waits for it,
+// or until ctx ends. Config.SnapshotTimeout bounds the whole call, and Close
+// ends it early.
 // A writer is held up at most while its shard's records are listed, or 256
 // of them copied.
 // Without a Store it returns an error.
@@ -189,19 +191,32 @@ func (e *Engine) Snapshot(ctx context.Context) error {
 }
 
 // save writes a snapshot; final marks Close's own, the only one allowed
-// once the engine is closed: a Snapshot call that was waiting for snapMu
-// must not overwrite it with the state Close leaves behind.
+// once the engine is closed: a Snapshot call that was waiting for its turn
+// must not overwrite it with the state Close leaves behind. Every other save
+// also ends when Close begins, so Close waits for at most its own.
 func (e *Engine) save(ctx context.Context, final bool) error {
 	if e.cfg.Store == nil {
 		return errNoStore
 	}
-	e.snapMu.Lock()
-	defer e.snapMu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.SnapshotTimeout)
+	defer cancel()
+	if !final {
+		defer context.AfterFunc(e.closing, cancel)()
+	}
+	// The turn is a channel slot rather than a mutex so that a caller
+	// waiting behind a stalled save gives up when its ctx ends.
+	select {
+	case e.snapTurn <- struct{}{}:
+		defer func() { <-e.snapTurn }()
+	case <-ctx.Done():
+		if !final && e.closed.Load() {
+			return closedError("Snapshot")
+		}
+		return e.recordSave(fmt.Errorf("presence: snapshot: waiting for the snapshot before it: %w", ctx.Err()))
+	}
 	if !final && e.closed.Load() {
 		return closedError("Snapshot")
 	}
-	ctx, cancel := context.WithTimeout(ctx, e.cfg.SnapshotTimeout)
-	defer cancel()
 	err := ctx.Err()
 	if err == nil {
 		err = e.cfg.Store.Save(ctx, e.records(ctx))
@@ -209,6 +224,11 @@ func (e *Engine) save(ctx context.Context, final bool) error {
 	if err != nil {
 		err = fmt.Errorf("presence: snapshot: %w", err)
 	}
+	return e.recordSave(err)
+}
+
+// recordSave reports a save's outcome in Stats and returns err.
+func (e *Engine) recordSave(err error) error {
 	e.snapStat.Lock()
 	if err == nil {
 		e.lastSnapshot = e.now()
@@ -222,8 +242,9 @@ func (e *Engine) save(ctx context.Context, final bool) error {
 
 // snapshotLoop saves every Config.SnapshotInterval until Close. A failure is
 // reported in Stats and the engine keeps serving; the next tick tries again.
-func (e *Engine) snapshotLoop(ctx context.Context) {
+func (e *Engine) snapshotLoop() {
 	defer e.wg.Done()
+	ctx := e.closing
 	t := time.NewTicker(e.cfg.SnapshotInterval)
 	defer t.Stop()
 	for {

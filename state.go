@@ -547,6 +547,7 @@ func (u *user) expire(e *Engine, now time.Time) {
 			sh.mu.Unlock()
 			return
 		}
+		now = e.now() // under the lock, as in Login: a later change never carries an earlier time
 		c, ok := e.expireOneLocked(sh, u, now)
 		if !ok {
 			ttl := u.subCount() > 0 && u.status != Online &&
