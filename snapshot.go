@@ -221,7 +221,10 @@ func (e *Engine) save(ctx context.Context, final bool) error {
 	if err == nil {
 		err = e.cfg.Store.Save(ctx, e.records(ctx))
 	}
-	if err != nil {
+	switch {
+	case err != nil && !final && e.closed.Load():
+		err = closedError("Snapshot") // Close ended it
+	case err != nil:
 		err = fmt.Errorf("presence: snapshot: %w", err)
 	}
 	return e.recordSave(err)

@@ -539,7 +539,7 @@ func (e *Engine) nextDeadline(u *user) int64 {
 
 // expire is called by the wheel: it applies, one change at a time, whatever
 // is due for u, then clears u's subscriptions if they have outlived the TTL.
-func (u *user) expire(e *Engine, now time.Time) {
+func (u *user) expire(e *Engine, _ time.Time) {
 	sh := e.shardOf(u)
 	for {
 		sh.mu.Lock()
@@ -547,7 +547,7 @@ func (u *user) expire(e *Engine, now time.Time) {
 			sh.mu.Unlock()
 			return
 		}
-		now = e.now() // under the lock, as in Login: a later change never carries an earlier time
+		now := e.now() // read under the lock, as in Login: a later change never carries an earlier time
 		c, ok := e.expireOneLocked(sh, u, now)
 		if !ok {
 			ttl := u.subCount() > 0 && u.status != Online &&
