@@ -170,12 +170,14 @@ func (s *Session) push(ev *Event, t *tally) {
 		s.box.replace(i, *ev)
 		t.coalesced++
 	} else {
-		s.box.putNew(ev.UserID, *ev)
-		if s.box.len() > s.e.cfg.FeedSize {
+		// Make room first: adding before evicting would take the mailbox to
+		// FeedSize+1 entries and double its storage for that one moment.
+		if s.box.len() >= s.e.cfg.FeedSize {
 			s.box.popOldest()
 			s.lost.Add(1)
 			t.lost++
 		}
+		s.box.putNew(ev.UserID, *ev)
 	}
 	s.mu.Unlock()
 	t.delivered++
