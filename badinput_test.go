@@ -477,6 +477,12 @@ var idCalls = []struct {
 	{"GetUserStatus list", "GetUserStatus", func(w *badWorld, id string) (any, error) {
 		return w.e.GetUserStatus("frank", []string{"alice", id, "bob"})
 	}},
+	{"AppendUserStatus caller", "AppendUserStatus", func(w *badWorld, id string) (any, error) {
+		return w.e.AppendUserStatus(nil, id, []string{"alice"})
+	}},
+	{"AppendUserStatus list", "AppendUserStatus", func(w *badWorld, id string) (any, error) {
+		return w.e.AppendUserStatus(nil, "frank", []string{"alice", id, "bob"})
+	}},
 	{"SubscribeUserStatus caller", "SubscribeUserStatus", func(w *badWorld, id string) (any, error) {
 		return w.e.SubscribeUserStatus(id, []string{"alice"})
 	}},
@@ -552,6 +558,10 @@ func TestBadListsAreRejectedAndChangeNothing(t *testing.T) {
 			call: func(w *badWorld) (any, error) { return e(w).GetUserStatus("frank", nil) }},
 		{name: "GetUserStatus empty", op: "GetUserStatus", want: ErrInvalidParam,
 			call: func(w *badWorld) (any, error) { return e(w).GetUserStatus("frank", []string{}) }},
+		{name: "AppendUserStatus nil", op: "AppendUserStatus", want: ErrInvalidParam,
+			call: func(w *badWorld) (any, error) { return e(w).AppendUserStatus(nil, "frank", nil) }},
+		{name: "AppendUserStatus 501 IDs", op: "AppendUserStatus", want: ErrInvalidParam,
+			call: func(w *badWorld) (any, error) { return e(w).AppendUserStatus(nil, "frank", distinctIDs("q", 501)) }},
 		{name: "GetUserStatus 501 IDs", op: "GetUserStatus", want: ErrInvalidParam,
 			call: func(w *badWorld) (any, error) { return e(w).GetUserStatus("frank", distinctIDs("q", 501)) }},
 		{name: "GetUserStatus 501 of own ID", op: "GetUserStatus", want: ErrInvalidParam,
@@ -719,6 +729,8 @@ func TestNotLoggedInSpentQuotaAndSwitchOffChangeNothing(t *testing.T) {
 		{name: "Kick of an unknown user", op: "Kick", want: ErrNotLoggedIn,
 			call: func(w *badWorld) (any, error) { return nil, w.e.Kick("stranger") }},
 
+		{name: "AppendUserStatus over quota", op: "AppendUserStatus", want: ErrRateLimited,
+			call: func(w *badWorld) (any, error) { return w.e.AppendUserStatus(nil, "greedy", []string{"alice"}) }},
 		{name: "GetUserStatus over quota", op: "GetUserStatus", want: ErrRateLimited,
 			call: func(w *badWorld) (any, error) { return w.e.GetUserStatus("greedy", []string{"alice"}) }},
 		{name: "GetUserStatus of own ID over quota is free", // valid
@@ -730,6 +742,8 @@ func TestNotLoggedInSpentQuotaAndSwitchOffChangeNothing(t *testing.T) {
 		{name: "UnsubscribeUserStatus all over quota", op: "UnsubscribeUserStatus", want: ErrRateLimited,
 			call: func(w *badWorld) (any, error) { return nil, w.e.UnsubscribeUserStatus("greedy", nil) }},
 
+		{name: "switch off: AppendUserStatus of others", mod: switchOff, op: "AppendUserStatus", want: ErrFeatureDisabled,
+			call: func(w *badWorld) (any, error) { return w.e.AppendUserStatus(nil, "alice", []string{"alice", "bob"}) }},
 		{name: "switch off: GetUserStatus of others", mod: switchOff, op: "GetUserStatus", want: ErrFeatureDisabled,
 			call: func(w *badWorld) (any, error) { return w.e.GetUserStatus("alice", []string{"alice", "bob"}) }},
 		{name: "switch off: GetUserStatus of own ID", mod: switchOff, // valid: no switch needed
@@ -879,6 +893,9 @@ func TestCallsAfterClose(t *testing.T) {
 		closed("SetSelfStatus same text", "SetSelfStatus", func(w *badWorld) (any, error) { return nil, w.e.SetSelfStatus("alice", "at work") }),
 		closed("GetUserStatus", "GetUserStatus", func(w *badWorld) (any, error) { return w.e.GetUserStatus("frank", []string{"alice"}) }),
 		closed("GetUserStatus own", "GetUserStatus", func(w *badWorld) (any, error) { return w.e.GetUserStatus("alice", []string{"alice"}) }),
+		closed("AppendUserStatus", "AppendUserStatus", func(w *badWorld) (any, error) {
+			return w.e.AppendUserStatus(nil, "frank", []string{"alice"})
+		}),
 		closed("SubscribeUserStatus", "SubscribeUserStatus", func(w *badWorld) (any, error) {
 			return w.e.SubscribeUserStatus("frank", []string{"alice"})
 		}),

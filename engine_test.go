@@ -1242,6 +1242,42 @@ func TestGetUserStatusAnswersInRequestOrder(t *testing.T) {
 	}
 }
 
+// AppendUserStatus answers exactly as GetUserStatus, after what dst already
+// holds, and reuses dst's storage; a rejected call leaves dst as it was.
+func TestAppendUserStatusAppendsWhatGetUserStatusReturns(t *testing.T) {
+	e := newEngine(t, presence.Config{StatusQuery: true, QueryQuota: presence.Quota{Calls: 2, Per: time.Minute}})
+	login(t, e, "wendy", "phone")
+	login(t, e, "bob", "phone")
+	noErr(t, "SetSelfStatus", e.SetSelfStatus("bob", "here"))
+	ids := []string{"bob", "nobody", "wendy"}
+
+	want, err := e.GetUserStatus("wendy", ids)
+	noErr(t, "GetUserStatus", err)
+	head := presence.UserStatus{UserID: "kept"}
+	buf := make([]presence.UserStatus, 1, 8)
+	buf[0] = head
+	got, err := e.AppendUserStatus(buf, "wendy", ids)
+	noErr(t, "AppendUserStatus", err)
+	if diff := cmp.Diff(append([]presence.UserStatus{head}, want...), got); diff != "" {
+		t.Fatalf("AppendUserStatus (-want +got):\n%s", diff)
+	}
+	if &got[0] != &buf[0] {
+		t.Fatal("AppendUserStatus did not reuse dst's storage although it had room")
+	}
+
+	// The quota (2 a minute) is spent now: the call fails and dst comes back as it was.
+	again, err := e.AppendUserStatus(got[:1], "wendy", ids)
+	wantErr(t, "AppendUserStatus over quota", err, presence.ErrRateLimited)
+	if len(again) != 1 || again[0].UserID != head.UserID {
+		t.Fatalf("rejected AppendUserStatus returned %v, want dst unchanged", again)
+	}
+	bad, err := e.AppendUserStatus(got[:1], "wendy", []string{"bob", ""})
+	wantErr(t, "AppendUserStatus with an empty ID", err, presence.ErrInvalidParam)
+	if len(bad) != 1 {
+		t.Fatalf("rejected AppendUserStatus returned %d entries, want dst's 1", len(bad))
+	}
+}
+
 // ---- DESIGN: SubscribeUserStatus and UnsubscribeUserStatus -----------------
 
 func TestSubscribeValidatesWholeListFirst(t *testing.T) {

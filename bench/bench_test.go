@@ -499,11 +499,19 @@ func bmFanOut(b *testing.B, subs int, mode string) {
 // the figure for the row.
 func BenchmarkGetUserStatus500(b *testing.B) {
 	for _, users := range []int{1000, 100_000} {
-		b.Run(fmt.Sprintf("users=%d", users), func(b *testing.B) { bmGetUserStatus(b, users) })
+		b.Run(fmt.Sprintf("users=%d", users), func(b *testing.B) { bmGetUserStatus(b, users, false) })
 	}
 }
 
-func bmGetUserStatus(b *testing.B, users int) {
+// BenchmarkAppendUserStatus500 is the same query through AppendUserStatus,
+// reusing one result slice as a host answering many queries would.
+func BenchmarkAppendUserStatus500(b *testing.B) {
+	for _, users := range []int{1000, 100_000} {
+		b.Run(fmt.Sprintf("users=%d", users), func(b *testing.B) { bmGetUserStatus(b, users, true) })
+	}
+}
+
+func bmGetUserStatus(b *testing.B, users int, reuse bool) {
 	const perCall, lists = 500, 256
 	e := bmNew(b, bmQueryConfig())
 	ids := bmIDs(users)
@@ -521,8 +529,14 @@ func bmGetUserStatus(b *testing.B, users int) {
 	mapNs, _ := bmFloors()
 	b.ReportAllocs()
 	i := 0
+	var out []presence.UserStatus
 	for b.Loop() {
-		out, err := e.GetUserStatus("caller", queries[i%lists])
+		var err error
+		if reuse {
+			out, err = e.AppendUserStatus(out[:0], "caller", queries[i%lists])
+		} else {
+			out, err = e.GetUserStatus("caller", queries[i%lists])
+		}
 		if err != nil {
 			b.Fatal(err)
 		}

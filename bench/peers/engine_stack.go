@@ -8,19 +8,27 @@ import (
 )
 
 // engineStack is this module's engine, used as a host uses it: Login keeps
-// the Session beside the "connection", Logout ends it, GetUserStatus reads a
-// batch, SetSelfStatus changes the custom status and the engine pushes an
+// the Session beside the "connection", Logout ends it, AppendUserStatus reads
+// a batch into the worker's reused slice, SetSelfStatus changes the custom status and the engine pushes an
 // event into each watcher's Session mailbox, which one goroutine per
 // connection drains (Ready + Drain).
 type engineStack struct {
 	e         *presence.Engine
 	sessions  []*presence.Session // fan-out phase only
 	delivered atomic.Uint64
+	reads     []readBuf // one per worker
 	stop      chan struct{}
 	wg        sync.WaitGroup
 }
 
-func newEngineStack() (*engineStack, error) {
+// readBuf is one worker's result slice, padded so that two workers' slice
+// headers do not share a cache line.
+type readBuf struct {
+	st []presence.UserStatus
+	_  [40]byte
+}
+
+func newEngineStack(workers int) (*engineStack, error) {
 	e, err := presence.New(presence.Config{
 		StatusQuery: true,
 		// Quotas are per-caller rate limits for client-facing calls (20 per 5 s
@@ -32,7 +40,7 @@ func newEngineStack() (*engineStack, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &engineStack{e: e, stop: make(chan struct{})}, nil
+	return &engineStack{e: e, stop: make(chan struct{}), reads: make([]readBuf, workers)}, nil
 }
 
 func (s *engineStack) Name() string { return "presence (this)" }
@@ -46,11 +54,12 @@ func (s *engineStack) Remove(_ int, user, device string) error {
 	return s.e.Logout(user, device)
 }
 
-func (s *engineStack) ReadBatch(_ int, caller string, users []string) (int, error) {
-	st, err := s.e.GetUserStatus(caller, users)
+func (s *engineStack) ReadBatch(w int, caller string, users []string) (int, error) {
+	st, err := s.e.AppendUserStatus(s.reads[w].st[:0], caller, users)
 	if err != nil {
 		return 0, err
 	}
+	s.reads[w].st = st
 	n := 0
 	for i := range st {
 		if st[i].Status == presence.Online {

@@ -20,7 +20,7 @@
 //   - remove: that device goes away (engine Logout; centrifuge
 //     RemovePresence; Redis DEL; naive map delete).
 //   - read-batch: the status of -batch users at once, half of all users
-//     online (engine GetUserStatus; centrifuge Presence per user's channel,
+//     online (engine AppendUserStatus into a reused slice; centrifuge Presence per user's channel,
 //     and PresenceStats as a second row; Redis MGET; naive RLock + lookups).
 //   - change+fanout: a user changes its custom status and every watcher's
 //     connection receives it; every user watches -watch random others and
@@ -189,7 +189,7 @@ func run(o options) ([]row, error) {
 		skip string
 	}
 	makers := []maker{
-		{name: "presence (this)", make: func() (stack, error) { return newEngineStack() }},
+		{name: "presence (this)", make: func() (stack, error) { return newEngineStack(o.workers) }},
 		{name: "centrifuge memory", make: func() (stack, error) { return newCentrifugeStack() }},
 		{name: "redis (go-redis)", make: func() (stack, error) { return newRedisStack(o.redis) }},
 		{name: "naive map+chan", make: func() (stack, error) { return newNaiveStack(), nil }},
