@@ -45,11 +45,11 @@ type user struct {
 	hash      uint64 // of id: picks the shard and keys the shard's index
 	custom    string
 	version   uint64
-	status    Status
 	devices   []*device // logged-in devices, oldest login first
 	idleSince int64     // unix ns: when the user last left Online, or last subscribed while not Online
 	timerAt   int64     // wheel slot of this record's earliest pending entry, 0 if none
 	pins      int32     // edge changes in progress that hold a pointer to this record
+	status    Status
 
 	// sessions lists the connected sessions. It is replaced, never changed in
 	// place, so a delivery reads it without the shard lock.
@@ -62,12 +62,32 @@ type user struct {
 	edges atomic.Pointer[edges]
 
 	// fanMu is taken under the shard lock when a change of this user is
-	// applied and released once that change has been delivered, after the
-	// shard lock: deliveries of one user's changes happen one at a time in
-	// version order while the shard stays free. It also guards the reverse
+	// applied (or the change is queued on fanQ for the holder) and released
+	// once that change has been delivered, after the shard lock: deliveries
+	// of one user's changes happen one at a time in version order while the
+	// shard stays free. It also guards the reverse
 	// indexes (edges.subscribers, edges.friendOf) for the delivery, which
 	// reads them without the shard lock; they are written with both held.
+	//
+	// Whoever holds fanMu with the shard lock released must let go of it
+	// through releaseFan, and holds it only while fanQ (if any) is empty or
+	// being drained: so whenever fanMu is free, nothing is queued.
 	fanMu sync.Mutex
+
+	// fanQ takes changes applied while an earlier change of this user is
+	// still being delivered, so that the shard lock is not held waiting for
+	// fanMu; the goroutine delivering drains it, in order, before letting
+	// go. It is made by a holder of fanMu under the shard lock, once the
+	// user has edges (without them, a delivery reaches only the user's own
+	// sessions and is short), and never removed; nil until then.
+	fanQ *fanQueue
+}
+
+// fanQueue is a user's hand-off queue of changes waiting for delivery.
+type fanQueue struct {
+	mu    sync.Mutex // protects items; taken after the shard lock and after fanMu
+	items []change
+	spare []change // the previous batch's storage, reused; guarded by fanMu
 }
 
 // edges are one user's subscription and friend edges. The forward lists
@@ -406,24 +426,82 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 // user's delivery lock is taken before the shard lock is let go, so this
 // user's changes are delivered in the order they were applied, and the
 // delivery itself runs with no shard lock held.
+//
+// If an earlier change of the user is still being delivered (to thousands
+// of watchers, say), the change is handed to the goroutine delivering it,
+// and finish returns at once: the shard stays free for its other users.
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
-	u.fanMu.Lock()
+	if q := u.fanQ; q != nil {
+		q.mu.Lock()
+		if !u.fanMu.TryLock() {
+			q.items = append(q.items, *c)
+			q.mu.Unlock()
+			sh.mu.Unlock()
+			return
+		}
+		q.mu.Unlock()
+	} else {
+		u.fanMu.Lock() // no queue: any delivery under way reaches only u's own sessions
+		u.makeFanQueueLocked()
+	}
 	sh.mu.Unlock()
+	e.deliver(sh, c)
+	e.releaseFan(sh, u, c.mayDrop)
+}
+
+// makeFanQueueLocked gives u its hand-off queue once it has edges. Call it
+// holding the shard lock and u.fanMu.
+func (u *user) makeFanQueueLocked() {
+	if u.fanQ == nil && u.edges.Load() != nil {
+		u.fanQ = &fanQueue{}
+	}
+}
+
+// deliver fans c's event out, publishes its record and closes the Done
+// channels of the sessions it ended. The caller holds u.fanMu and no shard
+// lock.
+func (e *Engine) deliver(sh *shard, c *change) {
 	if c.notify {
-		sh.addTally(e.fanOut(u, &c.event))
+		sh.addTally(e.fanOut(c.u, &c.event))
 	}
 	if c.record.Reason != 0 {
 		e.publish(&c.record)
 	}
-	u.fanMu.Unlock()
 	for _, s := range c.ended[:c.nEnded] {
 		s.closeDone()
 	}
 	for _, s := range c.extra {
 		s.closeDone()
 	}
-	if c.mayDrop {
+}
+
+// releaseFan delivers whatever was queued for u meanwhile, then lets go of
+// u.fanMu, with the queue's lock held so that no change is queued after the
+// last look. With drop set, or if a queued change asks for it, it then drops
+// u's record if it has become empty. The caller holds u.fanMu and no shard
+// lock.
+func (e *Engine) releaseFan(sh *shard, u *user, drop bool) {
+	if q := u.fanQ; q != nil {
+		q.mu.Lock()
+		for len(q.items) > 0 {
+			batch := q.items
+			q.items, q.spare = q.spare, nil
+			q.mu.Unlock()
+			for i := range batch {
+				e.deliver(sh, &batch[i])
+				drop = drop || batch[i].mayDrop
+			}
+			clear(batch)
+			q.spare = batch[:0]
+			q.mu.Lock()
+		}
+		u.fanMu.Unlock()
+		q.mu.Unlock()
+	} else {
+		u.fanMu.Unlock()
+	}
+	if drop {
 		sh.mu.Lock()
 		sh.dropIfEmptyLocked(u)
 		sh.mu.Unlock()

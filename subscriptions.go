@@ -54,12 +54,16 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 		tsh, tk := e.locate(id)
 		tsh.mu.Lock()
 		tu := tsh.getOrCreateLocked(tk)
+		// This waits, holding the shard lock, while a change of tu is being
+		// delivered: edges change rarely, changes often, and only changes
+		// are handed off (see finish).
 		tu.fanMu.Lock()
 		tu.edgesLocked().subscribers.add(a)
+		tu.makeFanQueueLocked()
 		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
 		tsh.mu.Unlock()
 		t.toUser(a, &ev)
-		tu.fanMu.Unlock()
+		e.releaseFan(tsh, tu, false) // changes applied since the view follow it
 		seen[id], targets[i] = tu, tu
 	}
 	sh.addTally(t)
