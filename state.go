@@ -77,9 +77,10 @@ type user struct {
 	// fanQ takes changes applied while an earlier change of this user is
 	// still being delivered, so that the shard lock is not held waiting for
 	// fanMu; the goroutine delivering drains it, in order, before letting
-	// go. It is made by a holder of fanMu under the shard lock, once the
-	// user has edges (without them, a delivery reaches only the user's own
-	// sessions and is short), and never removed; nil until then.
+	// go. It is made when a change of a user with watchers is delivered (by
+	// the holder of fanMu, under the shard lock; without watchers a delivery
+	// reaches only the user's own sessions and is short), and never
+	// removed; nil until then.
 	fanQ *fanQueue
 }
 
@@ -87,7 +88,6 @@ type user struct {
 type fanQueue struct {
 	mu    sync.Mutex // protects items; taken after the shard lock and after fanMu
 	items []change
-	spare []change // the previous batch's storage, reused; guarded by fanMu
 }
 
 // edges are one user's subscription and friend edges. The forward lists
@@ -450,10 +450,13 @@ func (e *Engine) finish(sh *shard, c *change) {
 	e.releaseFan(sh, u, c.mayDrop)
 }
 
-// makeFanQueueLocked gives u its hand-off queue once it has edges. Call it
-// holding the shard lock and u.fanMu.
+// makeFanQueueLocked gives u its hand-off queue once it has watchers. Call
+// it holding the shard lock and u.fanMu.
 func (u *user) makeFanQueueLocked() {
-	if u.fanQ == nil && u.edges.Load() != nil {
+	if u.fanQ != nil {
+		return
+	}
+	if ed := u.edges.Load(); ed != nil && (ed.subscribers.len() > 0 || ed.friendOf.len() > 0) {
 		u.fanQ = &fanQueue{}
 	}
 }
@@ -486,14 +489,12 @@ func (e *Engine) releaseFan(sh *shard, u *user, drop bool) {
 		q.mu.Lock()
 		for len(q.items) > 0 {
 			batch := q.items
-			q.items, q.spare = q.spare, nil
+			q.items = nil
 			q.mu.Unlock()
 			for i := range batch {
 				e.deliver(sh, &batch[i])
 				drop = drop || batch[i].mayDrop
 			}
-			clear(batch)
-			q.spare = batch[:0]
 			q.mu.Lock()
 		}
 		u.fanMu.Unlock()

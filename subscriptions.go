@@ -59,7 +59,6 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 		// are handed off (see finish).
 		tu.fanMu.Lock()
 		tu.edgesLocked().subscribers.add(a)
-		tu.makeFanQueueLocked()
 		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
 		tsh.mu.Unlock()
 		t.toUser(a, &ev)
