@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"iter"
 	"runtime"
+	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -263,46 +263,49 @@ func (e *Engine) snapshotLoop() {
 // restore loads the Store's state into the empty engine before New returns.
 // Devices that were online come back offline-pending: they keep their user's
 // status and custom text until Config.HeartbeatTimeout passes without a new
-// login, so a quick restart is invisible to watchers. Each batch is spread
-// over one goroutine per CPU; they have all returned before the next batch.
+// login, so a quick restart is invisible to watchers. Each batch is split
+// between one goroutine per CPU; they have all returned before the next
+// batch.
 func (e *Engine) restore(ctx context.Context) error {
 	now := e.now()
-	var top atomic.Uint64
-	workers := runtime.GOMAXPROCS(0)
-	errs := make([]error, workers)
+	workers := make([]restorer, runtime.GOMAXPROCS(0))
+	for w := range workers {
+		workers[w] = restorer{e: e, now: now, firstShard: len(e.shards) * w / len(workers)}
+	}
+	// An error stays: a goroutine that failed restores nothing more, and
+	// a Store that dropped add's error must not leave a half-restored
+	// engine behind.
+	errs := make([]error, len(workers))
 	err := e.cfg.Store.Load(ctx, func(batch []Record) error {
 		var wg sync.WaitGroup
 		for w := range workers {
+			if errs[w] != nil {
+				continue
+			}
+			share := batch[len(batch)*w/len(workers) : len(batch)*(w+1)/len(workers)]
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				var high uint64
-				for i := w; i < len(batch) && errs[w] == nil; i += workers {
-					errs[w] = e.restoreRecord(&batch[i], now)
-					high = max(high, batch[i].Version)
-				}
-				for old := top.Load(); high > old && !top.CompareAndSwap(old, high); old = top.Load() {
-				}
+				errs[w] = workers[w].restore(share)
 			}()
 		}
 		wg.Wait()
 		return errors.Join(errs...)
 	})
 	if err == nil {
-		// A Store that dropped add's error must not leave a half-restored
-		// engine behind.
 		err = errors.Join(errs...)
 	}
 	if err != nil {
 		return err
 	}
+	var top uint64
+	for w := range workers {
+		top = max(top, workers[w].top)
+	}
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
-		sh.version = max(sh.version, top.Load()) // records re-made later stay ahead of every saved version
-		for u := range sh.all {
-			e.scheduleLocked(u)
-		}
+		sh.version = max(sh.version, top) // records re-made later stay ahead of every saved version
 		sh.mu.Unlock()
 	}
 	return nil
@@ -314,122 +317,396 @@ var errRecord = errors.New("invalid record")
 // is now: anything longer is damage, not a limit that was lowered.
 const maxStoredID = 1 << 16
 
-// restoreRecord validates one record and adds it. The engine is not shared
-// yet, but the locks are taken as usual so the helpers' rules hold.
-func (e *Engine) restoreRecord(r *Record, now time.Time) error {
-	bad := func(format string, args ...any) error {
-		return fmt.Errorf("%w for user %q: %s", errRecord, r.UserID, fmt.Sprintf(format, args...))
-	}
-	// Structure is checked, not today's Config limits: a host that lowers
-	// MaxIDBytes or MaxCustomStatusBytes must still be able to start. The
-	// limits apply to what is set from now on.
-	if problem := idProblem(r.UserID, maxStoredID); problem != "" {
-		return bad("user ID %s", problem)
-	}
-	if !utf8.ValidString(r.Custom) {
-		return bad("custom status is not valid UTF-8")
-	}
-	seen := make(map[string]bool, len(r.Devices)+len(r.Subscriptions)+len(r.Friends))
-	for _, d := range r.Devices {
-		if problem := idProblem(d.DeviceID, maxStoredID); problem != "" || seen[d.DeviceID] {
-			return bad("device ID %q invalid or repeated", d.DeviceID)
-		}
-		seen[d.DeviceID] = true
-	}
-	for _, list := range [][]string{r.Subscriptions, r.Friends} {
-		clear(seen)
-		for _, id := range list {
-			if problem := idProblem(id, maxStoredID); problem != "" || id == r.UserID || seen[id] {
-				return bad("edge to %q invalid, repeated or to itself", id)
-			}
-			seen[id] = true
-		}
-	}
+// restorer restores one goroutine's share of each batch. The engine is not
+// shared yet, but the locks are taken as usual so the helpers' rules hold.
+//
+// At a million users the records are far bigger than the caches, and
+// finding a record (index slot, record, ID) is a chain of cache misses.
+// Taken record by record, those chains run one after another. A share is
+// therefore restored in passes, each over many records grouped by shard:
+// each shard is locked once per group (a lock is a fence, which would keep
+// the CPU from overlapping one lookup's misses with the next's), and warm
+// touches the group's records a step at a time first, so that their misses
+// overlap. The passes: check the records and queue their edges; make the
+// records and restore what they hold themselves; link every edge into its
+// target's reverse index; fill in the records' own lists, whose sizes are
+// known by then. The buffers are kept from batch to batch.
+type restorer struct {
+	e          *Engine
+	now        time.Time
+	firstShard int    // where a pass over the shards starts, so goroutines seldom want one shard at once
+	top        uint64 // highest version restored so far
 
-	sh, k := e.locate(r.UserID)
-	sh.mu.Lock()
-	u := sh.getOrCreateLocked(k)
-	if u.hasOwnState() || u.pins != 0 { // pinned: another worker is restoring the same user
-		sh.mu.Unlock()
-		return bad("user saved twice")
+	owners  []restoredOwner // the share's valid records
+	links   []restoredLink  // their edges, each record's subscriptions then friends
+	targets []*user         // the record each link leads to, once linked
+	keys    [2][]key        // from check: the keys of a record's subscriptions and friends
+	hashes  []uint64        // scratch for check
+	seen    map[string]bool // scratch for checkExactly
+
+	// Records grouped by shard: ownerOrder lists owners' indexes shard by
+	// shard, ownerEnds[s] is where shard s's group ends; the same for links.
+	ownerOrder, ownerEnds []int32
+	linkOrder, linkEnds   []int32
+
+	// Records and edges seen so far: their ratio predicts how many
+	// subscribers (friendOf) a target will have, so its set is made that
+	// big at once rather than grown step by step.
+	records, subs, friends int
+
+	warmed int // see warm
+}
+
+// restoredOwner is a record being restored; while its edges are linked it
+// is pinned, so a second record for the same user is noticed.
+type restoredOwner struct {
+	rec           int // index in the share
+	key           key
+	u             *user
+	firstLink     int // its links are links[firstLink:][:subs+friends]
+	subs, friends int
+}
+
+// restoredLink is one edge of an owner.
+type restoredLink struct {
+	target key
+	owner  int32 // index in restorer.owners
+	friend bool
+}
+
+// restore adds records, all or up to the first that is invalid, whose
+// error it returns: the one sequential restoring would have met first.
+func (r *restorer) restore(records []Record) error {
+	r.owners, r.links = r.owners[:0], r.links[:0]
+	failed, err := len(records), error(nil) // the first invalid record
+	for i := range records {
+		if err = r.queue(records, i); err != nil {
+			failed = i
+			break
+		}
+	}
+	r.ownerOrder, r.ownerEnds = r.groupByShard(len(r.owners), func(i int) uint64 { return r.owners[i].key.hash }, r.ownerOrder, r.ownerEnds)
+	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, group []int32) {
+		r.warm(sh, group, func(i int32) uint64 { return r.owners[i].key.hash })
+		for _, i := range group {
+			o := &r.owners[i]
+			if e := r.restoreOwn(sh, o, &records[o.rec]); e != nil && o.rec < failed {
+				failed, err = o.rec, e
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	r.records += len(records)
+	r.linkTargets()
+	r.linkOwners()
+	return nil
+}
+
+// queue checks records[i] and queues it, with its edges.
+func (r *restorer) queue(records []Record, i int) error {
+	e, rec := r.e, &records[i]
+	if err := r.check(rec); err != nil {
+		return err
+	}
+	subs := r.keys[0]
+	if len(subs) > e.cfg.MaxSubscriptions {
+		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
+	}
+	friends := r.keys[1][:min(len(r.keys[1]), e.cfg.MaxFriends)]
+	_, k := e.locate(rec.UserID)
+	owner := int32(len(r.owners))
+	r.owners = append(r.owners, restoredOwner{rec: i, key: k, firstLink: len(r.links), subs: len(subs), friends: len(friends)})
+	for _, k := range subs {
+		r.links = append(r.links, restoredLink{target: k, owner: owner})
+	}
+	for _, k := range friends {
+		r.links = append(r.links, restoredLink{target: k, owner: owner, friend: true})
+	}
+	return nil
+}
+
+// restoreOwn restores what rec holds itself into o's record, under sh's
+// lock. A record with edges stays pinned until linkOwners.
+func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, rec *Record) error {
+	e := r.e
+	u := sh.getOrCreateLocked(o.key)
+	if u.hasOwnState() || u.pins != 0 { // pinned: its edges are being linked, by this goroutine or another
+		return recordError(rec, "user saved twice")
 	}
 	c := beginChange(u)
-	devices := r.Devices
+	devices := rec.Devices
 	if max := e.cfg.MaxDevices; max > 0 && len(devices) > max {
 		devices = devices[len(devices)-max:] // the newest logins, as Login would keep
 	}
 	for _, dr := range devices {
-		d := &device{id: dr.DeviceID, loginAt: dr.LoginAt.UnixNano(), lastSeen: dr.LastSeen.UnixNano()}
+		// The Store's strings may be slices of a larger buffer: clone what
+		// the record keeps.
+		d := &device{id: cloneString(dr.DeviceID), loginAt: dr.LoginAt.UnixNano(), lastSeen: dr.LastSeen.UnixNano()}
 		if dr.Connected {
-			d.graceUntil, d.held = now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
+			d.graceUntil, d.held = r.now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
 		}
 		u.devices = append(u.devices, d)
 	}
-	u.custom = r.Custom
 	u.status = u.deriveStatus()
-	if u.status != Online {
-		u.custom = ""
+	if u.status == Online {
+		u.custom = cloneString(rec.Custom)
 	}
 	sh.countStatus(c.prevStatus, u.status)
-	u.version = r.Version
-	if !r.IdleSince.IsZero() {
-		u.idleSince = r.IdleSince.UnixNano()
+	u.version = rec.Version
+	r.top = max(r.top, rec.Version)
+	if !rec.IdleSince.IsZero() {
+		u.idleSince = rec.IdleSince.UnixNano()
+	}
+	if o.subs+o.friends == 0 {
+		e.scheduleLocked(u)
+		// Restored one record after another, an edge to this user from
+		// an earlier record would have made the user's record already,
+		// and kept it.
+		if !u.emptyLocked() || !r.linkedBefore(o) {
+			sh.dropIfEmptyLocked(u)
+		}
+		return nil
 	}
 	u.pins++ // keep the record while its edges are linked
-	sh.mu.Unlock()
-
-	subs := r.Subscriptions
-	if len(subs) > e.cfg.MaxSubscriptions {
-		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
-	}
-	friends := r.Friends[:min(len(r.Friends), e.cfg.MaxFriends)]
-	targets := make([]*user, 0, max(len(subs), len(friends)))
-	for _, id := range subs {
-		targets = append(targets, e.linkRestored(id, u, false))
-	}
-	sh.mu.Lock()
-	if len(targets) > 0 {
-		list := &u.edgesLocked().subs
-		list.grow(len(targets))
-		for _, t := range targets {
-			list.putNew(t, struct{}{}) // the record's list was checked for repeats
-		}
-		sh.subscriptions += len(targets)
-	}
-	sh.mu.Unlock()
-
-	targets = targets[:0]
-	for _, id := range friends {
-		targets = append(targets, e.linkRestored(id, u, true))
-	}
-	sh.mu.Lock()
-	if len(targets) > 0 {
-		ed := u.edgesLocked()
-		for _, f := range targets {
-			ed.friends.addNew(f)
-		}
-		sh.friendships += len(targets)
-	}
-	u.pins--
-	sh.dropIfEmptyLocked(u)
-	sh.mu.Unlock()
+	o.u = u
+	r.subs += o.subs
+	r.friends += o.friends
 	return nil
 }
 
-// linkRestored adds u to the reverse index (subscribers or friendOf) of id.
-func (e *Engine) linkRestored(id string, u *user, friend bool) *user {
-	tsh, tk := e.locate(id)
-	tsh.mu.Lock()
-	defer tsh.mu.Unlock()
-	t := tsh.getOrCreateLocked(tk)
-	// No delivery can run before New returns, so the shard lock alone
-	// guards the index here.
-	// Each record's lists were checked for repeats, and each record comes
-	// once, so every edge here is new.
-	if friend {
-		t.edgesLocked().friendOf.addNew(u)
-	} else {
-		t.edgesLocked().subscribers.addNew(u)
+// linkedBefore reports whether a record queued before o has an edge to o's
+// user.
+func (r *restorer) linkedBefore(o *restoredOwner) bool {
+	return slices.ContainsFunc(r.links[:o.firstLink], func(l restoredLink) bool { return l.target == o.key })
+}
+
+// check validates a record's structure, and leaves the keys of its edges
+// in r.keys. Today's Config limits are not applied: a host that lowers
+// MaxIDBytes or MaxCustomStatusBytes must still be able to start. The
+// limits apply to what is set from now on.
+//
+// It looks for repeated IDs without a map: an edge's IDs are compared by
+// their hashes, sorted, and a device's few with each other. Only a record
+// that looks wrong goes to checkExactly, which names the first problem.
+func (r *restorer) check(rec *Record) error {
+	if problem := idProblem(rec.UserID, maxStoredID); problem != "" {
+		return recordError(rec, "user ID %s", problem)
 	}
-	return t
+	if !utf8.ValidString(rec.Custom) {
+		return recordError(rec, "custom status is not valid UTF-8")
+	}
+	suspect := len(rec.Devices) > 8
+	for i := 0; i < len(rec.Devices) && !suspect; i++ {
+		id := rec.Devices[i].DeviceID
+		suspect = idProblem(id, maxStoredID) != "" ||
+			slices.ContainsFunc(rec.Devices[:i], func(d DeviceRecord) bool { return d.DeviceID == id })
+	}
+	for l, list := range [2][]string{rec.Subscriptions, rec.Friends} {
+		r.keys[l], r.hashes = r.keys[l][:0], r.hashes[:0]
+		for _, id := range list {
+			suspect = suspect || idProblem(id, maxStoredID) != "" || id == rec.UserID
+			_, k := r.e.locate(id)
+			r.keys[l] = append(r.keys[l], k)
+			r.hashes = append(r.hashes, k.hash)
+		}
+		slices.Sort(r.hashes)
+		for i := 1; i < len(r.hashes) && !suspect; i++ {
+			suspect = r.hashes[i] == r.hashes[i-1] // a repeat, or two IDs with one hash
+		}
+	}
+	if suspect {
+		return r.checkExactly(rec)
+	}
+	return nil
+}
+
+// checkExactly checks a record's IDs one by one, in order, and reports the
+// first that is invalid or repeated.
+func (r *restorer) checkExactly(rec *Record) error {
+	if r.seen == nil {
+		r.seen = make(map[string]bool)
+	}
+	clear(r.seen)
+	for _, d := range rec.Devices {
+		if problem := idProblem(d.DeviceID, maxStoredID); problem != "" || r.seen[d.DeviceID] {
+			return recordError(rec, "device ID %q invalid or repeated", d.DeviceID)
+		}
+		r.seen[d.DeviceID] = true
+	}
+	for _, list := range [2][]string{rec.Subscriptions, rec.Friends} {
+		clear(r.seen)
+		for _, id := range list {
+			if problem := idProblem(id, maxStoredID); problem != "" || id == rec.UserID || r.seen[id] {
+				return recordError(rec, "edge to %q invalid, repeated or to itself", id)
+			}
+			r.seen[id] = true
+		}
+	}
+	r.seen = nil // it may have grown large for this one record
+	return nil
+}
+
+func recordError(rec *Record, format string, args ...any) error {
+	return fmt.Errorf("%w for user %q: %s", errRecord, rec.UserID, fmt.Sprintf(format, args...))
+}
+
+// groupByShard lists the indexes 0..n-1 in order, grouped by the shard of
+// hash(i) (as Engine.locate picks it), reusing order and ends; ends[s] is
+// where shard s's group ends.
+func (r *restorer) groupByShard(n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
+	shards := len(r.e.shards)
+	ends = slices.Grow(ends[:0], shards)[:shards]
+	clear(ends)
+	for i := range n {
+		ends[hash(i)&r.e.mask]++
+	}
+	start := int32(0)
+	for s, count := range ends {
+		ends[s] = start // for now, where the group starts; filling it moves it to its end
+		start += count
+	}
+	order = slices.Grow(order[:0], n)[:n]
+	for i := range n {
+		s := hash(i) & r.e.mask
+		order[ends[s]] = int32(i)
+		ends[s]++
+	}
+	return order, ends
+}
+
+// eachGroup calls fn for every shard's group in order (see groupByShard)
+// with the shard locked.
+func (r *restorer) eachGroup(order, ends []int32, fn func(sh *shard, group []int32)) {
+	shards := len(r.e.shards)
+	for n := range shards {
+		s := (r.firstShard + n) % shards
+		begin := int32(0)
+		if s > 0 {
+			begin = ends[s-1]
+		}
+		if begin == ends[s] {
+			continue
+		}
+		sh := &r.e.shards[s]
+		sh.mu.Lock()
+		fn(sh, order[begin:ends[s]])
+		sh.mu.Unlock()
+	}
+}
+
+// linkTargets finds or makes every link's target record and adds the owner
+// to its reverse index (subscribers or friendOf), a shard at a time.
+func (r *restorer) linkTargets() {
+	r.targets = slices.Grow(r.targets[:0], len(r.links))[:len(r.links)]
+	r.linkOrder, r.linkEnds = r.groupByShard(len(r.links), func(i int) uint64 { return r.links[i].target.hash }, r.linkOrder, r.linkEnds)
+	r.eachGroup(r.linkOrder, r.linkEnds, func(sh *shard, group []int32) {
+		r.warm(sh, group, func(i int32) uint64 { return r.links[i].target.hash })
+		for _, i := range group {
+			r.targets[i] = sh.getOrCreateLocked(r.links[i].target)
+		}
+		for _, i := range group {
+			l := &r.links[i]
+			// No delivery can run before New returns, so the shard lock
+			// alone guards the index here. Each record's lists were
+			// checked for repeats, and each record comes once, so every
+			// edge here is new.
+			ed := r.targets[i].edgesLocked()
+			set, expect := &ed.subscribers, r.subs
+			if l.friend {
+				set, expect = &ed.friendOf, r.friends
+			}
+			if set.len() == 0 {
+				set.grow(setCapacity(expect / max(1, r.records)))
+			}
+			set.addNew(r.owners[l.owner].u)
+		}
+	})
+}
+
+// warm reads what the work on group will read, a step at a time for the
+// whole group: the index slots, then the records, then their IDs and
+// edges. Each pass's loads do not wait for each other, so the CPU overlaps
+// their misses, and the work that follows finds them cached. What warm
+// finds is only a hint, which is why it may read the index directly:
+// getOrCreateLocked then does the real lookup.
+func (r *restorer) warm(sh *shard, group []int32, hash func(int32) uint64) {
+	// The hints are kept on the stack: a pointer stored there needs no
+	// write barrier, which while the collector marks would cost a miss of
+	// its own.
+	var found [64]*user
+	var eds [64]*edges
+	sum := 0 // what is read, so that the reads are not optimized away
+	for len(group) > 0 {
+		n := min(len(group), len(found))
+		for j, i := range group[:n] {
+			found[j] = sh.users[hash(i)]
+		}
+		for j, t := range found[:n] {
+			eds[j] = nil
+			if t != nil {
+				sum += len(t.id)
+				eds[j] = t.edges.Load()
+			}
+		}
+		for j, t := range found[:n] {
+			if t != nil && len(t.id) > 0 {
+				sum += int(t.id[0])
+			}
+			if ed := eds[j]; ed != nil {
+				sum += len(ed.subscribers.list) + len(ed.friendOf.list)
+			}
+		}
+		group = group[n:]
+	}
+	r.warmed += sum
+}
+
+// setCapacity is the room a restored reverse index starts with when the
+// records restored so far have mean edges each: the capacity a set of that
+// many members reaches by growing from empty. A set of about the average
+// size takes no more memory than it would have anyway, and skips the copies
+// on its way there.
+func setCapacity(mean int) int {
+	c := 4
+	for c < mean && c < smallSet {
+		c *= 2
+	}
+	return c
+}
+
+// linkOwners fills in each owner's own lists from its linked targets and
+// unpins it, a shard at a time.
+func (r *restorer) linkOwners() {
+	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, group []int32) {
+		for _, i := range group {
+			o := &r.owners[i]
+			if o.u == nil {
+				continue // no edges: done already
+			}
+			targets := r.targets[o.firstLink:][:o.subs+o.friends]
+			ed := o.u.edgesLocked()
+			if o.subs > 0 {
+				ed.subs.grow(o.subs)
+				for _, t := range targets[:o.subs] {
+					ed.subs.putNew(t, struct{}{}) // the record's list was checked for repeats
+				}
+				sh.subscriptions += o.subs
+			}
+			if o.friends > 0 {
+				ed.friends.grow(o.friends)
+				for _, t := range targets[o.subs:] {
+					ed.friends.addNew(t)
+				}
+				sh.friendships += o.friends
+			}
+			// Cleared now, while each pointer's marking is fresh in the
+			// cache: left for the next batch to overwrite, it would cost
+			// the collector a miss then.
+			clear(targets)
+			o.u.pins--
+			r.e.scheduleLocked(o.u)
+		}
+	})
 }

@@ -63,6 +63,22 @@ func (s *userSet) addNew(u *user) {
 	}
 }
 
+// grow makes room for n more members ahead of time.
+func (s *userSet) grow(n int) {
+	switch {
+	case s.m != nil:
+		// A map cannot grow in place; it is rarely this big.
+	case len(s.list)+n <= smallSet:
+		s.list = slices.Grow(s.list, n)
+	default:
+		s.m = make(map[*user]struct{}, len(s.list)+n)
+		for _, x := range s.list {
+			s.m[x] = struct{}{}
+		}
+		s.list = nil
+	}
+}
+
 // remove deletes u and reports whether it was there.
 func (s *userSet) remove(u *user) bool {
 	if s.m != nil {

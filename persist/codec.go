@@ -63,24 +63,28 @@ func appendRecord(b []byte, r *presence.Record) []byte {
 
 var errTruncated = errors.New("record truncated")
 
-// decoder reads records from one chunk. Every length and count is checked
-// against the bytes that remain before anything is allocated, so a corrupt
-// chunk yields an error, never a panic or a huge allocation.
+// decoder reads records from one chunk. The chunk is one string, and every
+// string a record holds is a slice of it: a chunk costs one allocation, not
+// one per ID. Every length and count is checked against the bytes that
+// remain before anything is allocated, so a corrupt chunk yields an error,
+// never a panic or a huge allocation.
 type decoder struct {
-	b   []byte
+	s   string // what is left of the chunk
 	err error
 }
 
+// uvarint and varint hand encoding/binary the bytes a varint can take as a
+// []byte made from the string, which allocates nothing: it does not escape.
 func (d *decoder) uvarint() uint64 {
 	if d.err != nil {
 		return 0
 	}
-	v, n := binary.Uvarint(d.b)
+	v, n := binary.Uvarint([]byte(d.s[:min(len(d.s), binary.MaxVarintLen64)]))
 	if n <= 0 {
 		d.err = errTruncated
 		return 0
 	}
-	d.b = d.b[n:]
+	d.s = d.s[n:]
 	return v
 }
 
@@ -88,12 +92,12 @@ func (d *decoder) varint() int64 {
 	if d.err != nil {
 		return 0
 	}
-	v, n := binary.Varint(d.b)
+	v, n := binary.Varint([]byte(d.s[:min(len(d.s), binary.MaxVarintLen64)]))
 	if n <= 0 {
 		d.err = errTruncated
 		return 0
 	}
-	d.b = d.b[n:]
+	d.s = d.s[n:]
 	return v
 }
 
@@ -108,8 +112,8 @@ func (d *decoder) time() time.Time {
 // count reads a count of items that each take at least one byte.
 func (d *decoder) count() int {
 	n := d.uvarint()
-	if d.err == nil && n > uint64(len(d.b)) {
-		d.err = fmt.Errorf("count %d exceeds the %d bytes left", n, len(d.b))
+	if d.err == nil && n > uint64(len(d.s)) {
+		d.err = fmt.Errorf("count %d exceeds the %d bytes left", n, len(d.s))
 		return 0
 	}
 	return int(n)
@@ -120,8 +124,8 @@ func (d *decoder) string() string {
 	if d.err != nil {
 		return ""
 	}
-	s := string(d.b[:n])
-	d.b = d.b[n:]
+	s := d.s[:n]
+	d.s = d.s[n:]
 	return s
 }
 
@@ -129,12 +133,12 @@ func (d *decoder) byte() byte {
 	if d.err != nil {
 		return 0
 	}
-	if len(d.b) == 0 {
+	if len(d.s) == 0 {
 		d.err = errTruncated
 		return 0
 	}
-	c := d.b[0]
-	d.b = d.b[1:]
+	c := d.s[0]
+	d.s = d.s[1:]
 	return c
 }
 

@@ -303,7 +303,13 @@ func (s *Store) begin() (name []byte, err error) {
 }
 
 // Load streams the current snapshot to add, a chunk's records at a time.
-// See presence.Store.
+// The strings in a chunk's records are slices of one string holding the
+// whole chunk: keeping any of them keeps the chunk in memory. See
+// presence.Store.
+//
+// Reading and decoding a chunk overlap with adding the one before: this
+// goroutine reads, checks and decodes the chunks, and a second one calls
+// add, for one batch at a time and in order. Two batches take turns.
 func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (err error) {
 	defer guardFaults()()
 	defer recoverInto(&err, "load "+s.path)
@@ -320,29 +326,97 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 		if b == nil {
 			return fmt.Errorf("persist: %s: current snapshot %q is missing", s.path, name)
 		}
-		var batch []presence.Record
-		c := b.Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			if err := ctx.Err(); err != nil {
-				return err
+		decoded := make(chan loadedBatch, 1)
+		free := make(chan []presence.Record, 2) // batches add is done with
+		free <- nil
+		free <- nil
+		added := make(chan struct{}) // closed once the adding goroutine has returned
+		var loadErr error
+		var addPanic any // re-raised here, so that recoverInto reports it as before
+		go func() {
+			defer close(added)
+			defer func() { addPanic = recover() }()
+			for batch := range decoded {
+				// ctx is checked again here: the batch was read before add
+				// returned, and may have been read before ctx ended.
+				if loadErr = ctx.Err(); loadErr != nil {
+					return
+				}
+				if loadErr = batch.err; loadErr != nil {
+					return
+				}
+				if err := add(batch.records); err != nil {
+					loadErr = fmt.Errorf("persist: %s: %w", s.path, err)
+					return
+				}
+				free <- batch.records
 			}
-			if len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(v[crcBytes:], castagnoli) {
-				return fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
-			}
-			batch = batch[:0]
-			d := decoder{b: v[crcBytes:]}
-			for len(d.b) > 0 {
-				batch = append(batch, presence.Record{})
-				if err := d.record(&batch[len(batch)-1]); err != nil {
-					return fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, err)
+		}()
+		// Even a fault in the mapping must not return while add may still
+		// be running.
+		defer func() { <-added }()
+		func() {
+			defer close(decoded)
+			c := b.Cursor()
+			for k, v := c.First(); k != nil; k, v = c.Next() {
+				var batch loadedBatch
+				select {
+				case batch.records = <-free:
+				case <-added: // adding stopped: add failed, or ctx ended
+					return
+				}
+				switch {
+				case ctx.Err() != nil:
+					batch.err = ctx.Err()
+				case len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(v[crcBytes:], castagnoli):
+					batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
+				default:
+					batch.records, batch.err = decodeChunk(v[crcBytes:], batch.records)
+					if batch.err != nil {
+						batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, batch.err)
+					}
+				}
+				select {
+				case decoded <- batch:
+				case <-added:
+					return
+				}
+				if batch.err != nil {
+					return
 				}
 			}
-			if err := add(batch); err != nil {
-				return fmt.Errorf("persist: %s: %w", s.path, err)
-			}
+		}()
+		<-added
+		if addPanic != nil {
+			panic(addPanic)
 		}
-		return nil
+		return loadErr
 	})
+}
+
+// loadedBatch is a chunk's records, or the error that ends the loading,
+// passed in order to the goroutine that adds them.
+type loadedBatch struct {
+	records []presence.Record
+	err     error
+}
+
+// decodeChunk decodes a chunk's records into batch, reusing its records'
+// slices. It copies the chunk out of the file's mapping, valid only as long
+// as the transaction, into one string that the records' strings share.
+func decodeChunk(chunk []byte, batch []presence.Record) ([]presence.Record, error) {
+	d := decoder{s: string(chunk)}
+	batch = batch[:cap(batch)] // every record decoded before, with its slices
+	n := 0
+	for ; len(d.s) > 0; n++ {
+		if n == len(batch) {
+			batch = append(batch, presence.Record{})
+		}
+		if err := d.record(&batch[n]); err != nil {
+			return batch, err
+		}
+	}
+	return batch[:n], nil
 }
 
 // recoverInto turns a panic inside bbolt (it trusts the file it maps) into
