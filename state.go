@@ -433,14 +433,20 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
 	if q := u.fanQ; q != nil {
-		q.mu.Lock()
+		// Whenever fanMu is free the queue is empty (see releaseFan), so a
+		// TryLock that succeeds needs no look at the queue. Only when it
+		// fails is the queue's lock taken, to hand the change over or to
+		// find that the delivery ended meanwhile.
 		if !u.fanMu.TryLock() {
-			q.items = append(q.items, *c)
+			q.mu.Lock()
+			if !u.fanMu.TryLock() {
+				q.items = append(q.items, *c)
+				q.mu.Unlock()
+				sh.mu.Unlock()
+				return
+			}
 			q.mu.Unlock()
-			sh.mu.Unlock()
-			return
 		}
-		q.mu.Unlock()
 	} else {
 		u.fanMu.Lock() // no queue: any delivery under way reaches only u's own sessions
 		u.makeFanQueueLocked()
