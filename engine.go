@@ -476,8 +476,9 @@ func (e *Engine) close() error {
 }
 
 // publish puts a record on the change feed, dropping the oldest record if
-// the feed is full. The caller holds the user's fanMu, which keeps each
-// user's records in the order they were applied.
+// the feed is full. The caller holds the user's shard lock or its fanMu
+// (see finish), which keeps each user's records in the order they were
+// applied.
 func (e *Engine) publish(c *Change) {
 	if e.feed == nil {
 		return
@@ -846,6 +847,9 @@ func (e *Engine) Stats() Stats {
 		st.Sessions += sh.sessions
 		st.Subscriptions += sh.subscriptions
 		st.Friendships += sh.friendships
+		st.Delivered += sh.counts.delivered
+		st.Coalesced += sh.counts.coalesced
+		st.Lost += sh.counts.lost
 		sh.mu.Unlock()
 		st.Delivered += sh.delivered.Load()
 		st.Coalesced += sh.coalesced.Load()

@@ -19,6 +19,10 @@ type shard struct {
 	wheel   *wheel // the engine's, to tell whether a record still has a pending entry
 	records bool   // changes produce Change records (the change feed is on)
 
+	// counts are the delivery counters of the changes delivered under the
+	// lock (see Engine.finish); Stats adds them to the atomic ones below.
+	counts tally
+
 	// Delivery counters for Stats, bumped after the lock is released by the
 	// deliveries of this shard's users. One set per shard, on a cache line
 	// of its own, so that cores delivering for different users do not fight
@@ -62,10 +66,10 @@ type user struct {
 	edges atomic.Pointer[edges]
 
 	// fanMu is taken under the shard lock when a change of this user is
-	// applied (or the change is queued on fanQ for the holder) and released
-	// once that change has been delivered, after the shard lock: deliveries
-	// of one user's changes happen one at a time in version order while the
-	// shard stays free. It also guards the reverse
+	// to be delivered outside it (or the change is queued on fanQ for the
+	// holder) and released once that change has been delivered, after the
+	// shard lock: deliveries of one user's changes happen one at a time in
+	// version order while the shard stays free. It also guards the reverse
 	// indexes (edges.subscribers, edges.friendOf) for the delivery, which
 	// reads them without the shard lock; they are written with both held.
 	//
@@ -77,10 +81,10 @@ type user struct {
 	// fanQ takes changes applied while an earlier change of this user is
 	// still being delivered, so that the shard lock is not held waiting for
 	// fanMu; the goroutine delivering drains it, in order, before letting
-	// go. It is made when a change of a user with watchers is delivered (by
-	// the holder of fanMu, under the shard lock; without watchers a delivery
-	// reaches only the user's own sessions and is short), and never
-	// removed; nil until then.
+	// go. It is made, under the shard lock, by the first change of this
+	// user delivered outside that lock (one with watchers), and never
+	// removed: nil means every change so far was delivered under the shard
+	// lock, which is what lets finish deliver the next one there too.
 	fanQ *fanQueue
 }
 
@@ -422,17 +426,33 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 	c.mayDrop = len(u.devices) == 0
 }
 
-// finish completes a change begun under sh.mu, which it releases: the
-// user's delivery lock is taken before the shard lock is let go, so this
-// user's changes are delivered in the order they were applied, and the
-// delivery itself runs with no shard lock held.
+// finish completes a change begun under sh.mu, which it releases.
 //
-// If an earlier change of the user is still being delivered (to thousands
-// of watchers, say), the change is handed to the goroutine delivering it,
-// and finish returns at once: the shard stays free for its other users.
+// A change that only u's own sessions hear of, of a user none of whose
+// changes has ever been delivered outside the lock (fanQ is nil), is
+// delivered right here, under the shard lock: the lock alone keeps u's
+// changes in order, and the delivery is short. This is the common case (a
+// user nobody watches), and it spares the delivery lock and the atomic
+// counters.
+//
+// Any other change is delivered after the shard lock is let go: the user's
+// delivery lock is taken first, so u's changes are delivered in the order
+// they were applied while the shard stays free for its other users. If an
+// earlier change of u is still being delivered (to thousands of watchers,
+// say), the change is handed to the goroutine delivering it, and finish
+// returns at once.
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
-	if q := u.fanQ; q != nil {
+	q := u.fanQ
+	if q == nil && !e.watchedLocked(u) {
+		sh.counts.add(e.deliver(c))
+		if c.mayDrop {
+			sh.dropIfEmptyLocked(u)
+		}
+		sh.mu.Unlock()
+		return
+	}
+	if q != nil {
 		// Whenever fanMu is free the queue is empty (see releaseFan), so a
 		// TryLock that succeeds needs no look at the queue. Only when it
 		// fails is the queue's lock taken, to hand the change over or to
@@ -448,31 +468,29 @@ func (e *Engine) finish(sh *shard, c *change) {
 			q.mu.Unlock()
 		}
 	} else {
-		u.fanMu.Lock() // no queue: any delivery under way reaches only u's own sessions
-		u.makeFanQueueLocked()
+		// No queue yet: any delivery under way is an edge change's, and short.
+		u.fanMu.Lock()
+		u.fanQ = &fanQueue{} // from now on every change of u goes this way
 	}
 	sh.mu.Unlock()
-	e.deliver(sh, c)
+	sh.addTally(e.deliver(c))
 	e.releaseFan(sh, u, c.mayDrop)
 }
 
-// makeFanQueueLocked gives u its hand-off queue once it has watchers. Call
-// it holding the shard lock and u.fanMu.
-func (u *user) makeFanQueueLocked() {
-	if u.fanQ != nil {
-		return
-	}
-	if ed := u.edges.Load(); ed != nil && (ed.subscribers.len() > 0 || ed.friendOf.len() > 0) {
-		u.fanQ = &fanQueue{}
-	}
+// watchedLocked reports whether a change of u reaches sessions other than
+// u's own. Call it with u's shard lock held: the reverse indexes change only
+// under it.
+func (e *Engine) watchedLocked(u *user) bool {
+	ed := u.edges.Load()
+	return ed != nil && (ed.subscribers.len() > 0 || (e.cfg.NotifyFriends && ed.friendOf.len() > 0))
 }
 
 // deliver fans c's event out, publishes its record and closes the Done
-// channels of the sessions it ended. The caller holds u.fanMu and no shard
-// lock.
-func (e *Engine) deliver(sh *shard, c *change) {
+// channels of the sessions it ended, and returns what the fan-out did for
+// the counters. The caller holds u's shard lock or u.fanMu (see finish).
+func (e *Engine) deliver(c *change) (t tally) {
 	if c.notify {
-		sh.addTally(e.fanOut(c.u, &c.event))
+		t = e.fanOut(c.u, &c.event)
 	}
 	if c.record.Reason != 0 {
 		e.publish(&c.record)
@@ -483,6 +501,7 @@ func (e *Engine) deliver(sh *shard, c *change) {
 	for _, s := range c.extra {
 		s.closeDone()
 	}
+	return t
 }
 
 // releaseFan delivers whatever was queued for u meanwhile, then lets go of
@@ -498,7 +517,7 @@ func (e *Engine) releaseFan(sh *shard, u *user, drop bool) {
 			q.items = nil
 			q.mu.Unlock()
 			for i := range batch {
-				e.deliver(sh, &batch[i])
+				sh.addTally(e.deliver(&batch[i]))
 				drop = drop || batch[i].mayDrop
 			}
 			q.mu.Lock()
@@ -551,6 +570,12 @@ func (e *Engine) fanOut(u *user, ev *Event) tally {
 // tally counts one delivery's outcomes so the engine-wide counters are
 // touched once per change rather than once per session.
 type tally struct{ delivered, coalesced, lost uint64 }
+
+func (t *tally) add(o tally) {
+	t.delivered += o.delivered
+	t.coalesced += o.coalesced
+	t.lost += o.lost
+}
 
 func (t *tally) toUser(w *user, ev *Event) {
 	l := w.sessions.Load()
