@@ -586,11 +586,12 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 	if d != nil {
 		c.endSession(sh, d, ReasonLogin)
 		d.graceUntil = 0
-		u.removeDevice(i)
+		copy(u.devices[i:], u.devices[i+1:]) // newest login last
+		u.devices[len(u.devices)-1] = d
 	} else {
-		d = &device{id: cloneString(deviceID)}
+		d = u.newDeviceLocked(deviceID)
+		u.devices = append(u.devices, d) // newest login last
 	}
-	u.devices = append(u.devices, d) // newest login last
 	if max := e.cfg.MaxDevices; max > 0 && len(u.devices) > max {
 		for _, old := range u.devices[:len(u.devices)-max] {
 			c.endSession(sh, old, ReasonKicked)

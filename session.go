@@ -37,10 +37,19 @@ type Session struct {
 	mu     sync.Mutex          // protects box, closed, and the making of done
 	box    fifo[string, Event] // pending events keyed by the user they are about, oldest first
 	closed bool                // Done's channel is closed, or is to start closed when made
+
+	// solo is the list of its user's sessions published while this is the
+	// only one (see publishSessionsLocked): made with the session and
+	// never changed, so that most logins need no list of their own.
+	solo    sessionList
+	soloArr [1]*Session
 }
 
 func newSession(e *Engine, u *user, d *device) *Session {
-	return &Session{e: e, u: u, dev: d, ready: make(chan struct{}, 1)}
+	s := &Session{e: e, u: u, dev: d, ready: make(chan struct{}, 1)}
+	s.soloArr[0] = s
+	s.solo.all = s.soloArr[:]
+	return s
 }
 
 // UserID returns the user the session belongs to.

@@ -133,6 +133,25 @@ type device struct {
 	held       Reason   // what happens when graceUntil passes: ReasonLinkClose (DisconnectGrace) or ReasonTimeout (restored from a Store)
 }
 
+// firstDevice is a user's first device together with the one-slot list
+// that holds it: one allocation instead of two, and no bigger, since a
+// device leaves that much of its size class unused.
+type firstDevice struct {
+	d    device
+	slot [1]*device
+}
+
+// newDeviceLocked makes a device for id, for the caller to append to
+// u.devices.
+func (u *user) newDeviceLocked(id string) *device {
+	if cap(u.devices) == 0 {
+		f := &firstDevice{d: device{id: cloneString(id)}}
+		u.devices = f.slot[:0]
+		return &f.d
+	}
+	return &device{id: cloneString(id)}
+}
+
 // online reports whether the device keeps its user Online.
 func (d *device) online() bool { return d.session != nil || d.graceUntil != 0 }
 
@@ -206,12 +225,17 @@ func (u *user) publishSessionsLocked() {
 		u.sessions.Store(nil)
 		return
 	}
-	// One allocation for the usual single session: the list lives inline.
-	l := &sessionList{}
-	l.all = l.one[:0]
-	if n > len(l.one) {
-		l.all = make([]*Session, 0, n)
+	if n == 1 {
+		// The usual single session: its own list, made with it, is never
+		// changed, so publishing it allocates nothing.
+		for _, d := range u.devices {
+			if d.session != nil {
+				u.sessions.Store(&d.session.solo)
+				return
+			}
+		}
 	}
+	l := &sessionList{all: make([]*Session, 0, n)}
 	for _, d := range u.devices {
 		if d.session != nil {
 			l.all = append(l.all, d.session)
@@ -224,7 +248,6 @@ func (u *user) publishSessionsLocked() {
 // sessions.
 type sessionList struct {
 	all []*Session
-	one [1]*Session
 }
 
 // key names a user ID and its hash, computed once per call by
