@@ -111,7 +111,7 @@ func dumpEngine(e *Engine, sessions map[string]*Session) dumpedEngine {
 		d.Versions = append(d.Versions, sh.version)
 		for u := range sh.all {
 			d.Users[u.id] = dumpUserLocked(u)
-			for _, dev := range u.devices {
+			for dev := range u.eachDevice {
 				if dev.session != nil {
 					live[dev.session] = true
 				}
@@ -144,11 +144,7 @@ func dumpEngine(e *Engine, sessions map[string]*Session) dumpedEngine {
 			qs.mu.Unlock()
 		}
 	}
-	e.wheel.mu.Lock()
-	for _, slot := range e.wheel.slots {
-		d.Wheel += len(slot)
-	}
-	e.wheel.mu.Unlock()
+	d.Wheel = e.wheel.pending()
 	d.FeedLen = len(e.feed)
 	d.Stats = e.Stats()
 	return d
@@ -159,9 +155,9 @@ func dumpEngine(e *Engine, sessions map[string]*Session) dumpedEngine {
 func dumpUserLocked(u *user) dumpedUser {
 	du := dumpedUser{
 		Status: u.status, Custom: u.custom, Version: u.version,
-		IdleSince: u.idleSince, TimerAt: u.timerAt, Pins: u.pins,
+		IdleSince: u.idleSince, TimerAt: int64(u.timerAt), Pins: int32(u.pins),
 	}
-	for _, dev := range u.devices {
+	for dev := range u.eachDevice {
 		dd := dumpedDevice{ID: dev.id, LoginAt: dev.loginAt, LastSeen: dev.lastSeen, GraceUntil: dev.graceUntil, Held: dev.held}
 		if s := dev.session; s != nil {
 			dd.Session = fmt.Sprintf("%p", s)

@@ -451,7 +451,7 @@ func (e *Engine) close() error {
 		sh := &e.shards[i]
 		sh.mu.Lock()
 		for u := range sh.all {
-			for _, d := range u.devices {
+			for d := range u.eachDevice {
 				if d.session != nil {
 					d.session.markEnded(0)
 					ended = append(ended, d.session)
@@ -582,22 +582,22 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 	now := e.now() // under the lock, so one user's changes carry times in the order they apply
 	u := sh.getOrCreateLocked(k)
 	c := beginChange(u)
-	i, d := u.device(deviceID)
+	d := u.device(deviceID)
 	if d != nil {
 		c.endSession(sh, d, ReasonLogin)
 		d.graceUntil = 0
-		copy(u.devices[i:], u.devices[i+1:]) // newest login last
-		u.devices[len(u.devices)-1] = d
+		u.unlinkDevice(d)
 	} else {
-		d = u.newDeviceLocked(deviceID)
-		u.devices = append(u.devices, d) // newest login last
+		d = &device{id: cloneString(deviceID)}
 	}
-	if max := e.cfg.MaxDevices; max > 0 && len(u.devices) > max {
-		for _, old := range u.devices[:len(u.devices)-max] {
+	u.appendDevice(d) // newest login last
+	if max := e.cfg.MaxDevices; max > 0 {
+		for n := u.deviceCount(); n > max; n-- { // the oldest logins go
+			old := u.devices
 			c.endSession(sh, old, ReasonKicked)
 			c.kicked = append(c.kicked, old.id)
+			u.unlinkDevice(old)
 		}
-		u.devices = append(u.devices[:0], u.devices[len(u.devices)-max:]...)
 	}
 	s := newSession(e, u, d)
 	d.session, d.loginAt, d.lastSeen = s, now.UnixNano(), now.UnixNano()
@@ -626,24 +626,23 @@ func (e *Engine) Logout(userID, deviceID string) error {
 	sh, k := e.locate(userID)
 	sh.mu.Lock()
 	u := sh.getLocked(k)
-	i := -1
+	var d *device
 	if u != nil {
-		i, _ = u.device(deviceID)
+		d = u.device(deviceID)
 	}
-	if i < 0 {
+	if d == nil {
 		sh.mu.Unlock()
 		return newError(ErrNotLoggedIn, op, fmt.Sprintf("device %q of user %q is not logged in", deviceID, userID))
 	}
-	e.logoutLocked(sh, u, i, e.now())
+	e.logoutLocked(sh, u, d, e.now())
 	return nil
 }
 
-// logoutLocked removes u's i-th device and finishes the change, releasing sh.mu.
-func (e *Engine) logoutLocked(sh *shard, u *user, i int, now time.Time) {
-	d := u.devices[i]
+// logoutLocked removes u's device d and finishes the change, releasing sh.mu.
+func (e *Engine) logoutLocked(sh *shard, u *user, d *device, now time.Time) {
 	c := beginChange(u)
 	c.endSession(sh, d, ReasonLogout)
-	u.removeDevice(i)
+	u.unlinkDevice(d)
 	u.publishSessionsLocked()
 	sh.settleLocked(&c, now, ReasonLogout, d.id)
 	e.scheduleLocked(u)
@@ -665,17 +664,18 @@ func (e *Engine) Kick(userID string) error {
 	sh.mu.Lock()
 	now := e.now() // under the lock, as in Login
 	u := sh.getLocked(k)
-	if u == nil || len(u.devices) == 0 {
+	if u == nil || u.devices == nil {
 		sh.mu.Unlock()
 		return newError(ErrNotLoggedIn, op, fmt.Sprintf("user %q has no device logged in", userID))
 	}
 	c := beginChange(u)
-	c.kicked = make([]string, 0, len(u.devices))
-	for _, d := range u.devices {
+	c.kicked = make([]string, 0, u.deviceCount())
+	for u.devices != nil {
+		d := u.devices
 		c.endSession(sh, d, ReasonKicked)
 		c.kicked = append(c.kicked, d.id)
+		u.unlinkDevice(d)
 	}
-	u.devices = nil
 	u.publishSessionsLocked()
 	sh.settleLocked(&c, now, ReasonKicked, "")
 	e.scheduleLocked(u)
@@ -822,7 +822,7 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 		}
 		out[i].UserStatus = u.view()
 		out[i].Devices = u.onlineDevices()
-		for _, d := range u.devices {
+		for d := range u.eachDevice {
 			out[i].Sessions = append(out[i].Sessions, SessionInfo{
 				DeviceID:  d.id,
 				Connected: d.session != nil,

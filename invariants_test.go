@@ -34,7 +34,7 @@ func (e *Engine) checkInvariants() error {
 			if u.status == Online {
 				online++
 			}
-			for _, d := range u.devices {
+			for d := range u.eachDevice {
 				if d.session != nil {
 					sessions++
 				}
@@ -107,7 +107,7 @@ func (e *Engine) checkRecordLocked(sh *shard, u *user) error {
 		return fmt.Errorf("record %q is a clash with a free hash slot", id)
 	case u.pins != 0:
 		return fmt.Errorf("%s: %d pins left", id, u.pins)
-	case u.emptyLocked() && (u.timerAt == 0 || e.wheel.fired(u.timerAt)):
+	case u.emptyLocked() && (u.timerAt == 0 || e.wheel.fired(int64(u.timerAt))):
 		return fmt.Errorf("%s: empty record with no wheel entry not dropped", id)
 	case u.status != u.deriveStatus():
 		return fmt.Errorf("%s: status %v, devices say %v", id, u.status, u.deriveStatus())
@@ -119,11 +119,18 @@ func (e *Engine) checkRecordLocked(sh *shard, u *user) error {
 		return fmt.Errorf("%s: %d subscriptions", id, u.subCount())
 	case u.edges.Load() != nil && u.edges.Load().friends.len() > e.cfg.MaxFriends:
 		return fmt.Errorf("%s: %d friends", id, u.edges.Load().friends.len())
-	case e.cfg.MaxDevices > 0 && len(u.devices) > e.cfg.MaxDevices:
-		return fmt.Errorf("%s: %d devices", id, len(u.devices))
+	case e.cfg.MaxDevices > 0 && u.deviceCount() > e.cfg.MaxDevices:
+		return fmt.Errorf("%s: %d devices", id, u.deviceCount())
+	}
+	seen := map[string]bool{}
+	for d := range u.eachDevice {
+		if seen[d.id] {
+			return fmt.Errorf("%s/%s: device listed twice", id, d.id)
+		}
+		seen[d.id] = true
 	}
 	var want []*Session
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if s := d.session; s != nil {
 			if s.dev != d || s.u != u || s.ended.Load() {
 				return fmt.Errorf("%s/%s: session does not belong to its device or has ended", id, d.id)
@@ -150,7 +157,7 @@ func (e *Engine) checkRecordLocked(sh *shard, u *user) error {
 	if at := e.nextDeadline(u); at != 0 {
 		done := e.wheel.done.Load()
 		slot := max(min(e.wheel.slotFor(time.Unix(0, at)), done+int64(horizon/e.wheel.tick)), done+1) // as scheduleLocked and schedule place it
-		if u.timerAt == 0 || e.wheel.fired(u.timerAt) || u.timerAt > slot {
+		if u.timerAt == 0 || e.wheel.fired(int64(u.timerAt)) || int64(u.timerAt) > slot {
 			return fmt.Errorf("%s: deadline at slot %d but wheel entry at %d", id, slot, u.timerAt)
 		}
 	}

@@ -278,8 +278,7 @@ func (s *Session) Logout() error {
 		sh.mu.Unlock()
 		return s.endedError(op)
 	}
-	i, _ := s.u.device(s.dev.id)
-	e.logoutLocked(sh, s.u, i, e.now())
+	e.logoutLocked(sh, s.u, s.dev, e.now())
 	return nil
 }
 

@@ -142,7 +142,7 @@ func (e *Engine) copyRecords(ctx context.Context, empty <-chan []Record, full ch
 // hasOwnState reports whether the record holds anything a Store must keep.
 // A record that only anchors other users' edges is rebuilt from their lists.
 func (u *user) hasOwnState() bool {
-	if len(u.devices) > 0 || u.custom != "" {
+	if u.devices != nil || u.custom != "" {
 		return true
 	}
 	ed := u.edges.Load()
@@ -160,7 +160,7 @@ func (u *user) recordLocked(r *Record) {
 	if u.idleSince != 0 {
 		r.IdleSince = time.Unix(0, u.idleSince)
 	}
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		r.Devices = append(r.Devices, DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)})
 	}
 	ed := u.edges.Load()
@@ -440,6 +440,7 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, rec *Record) error {
 	if max := e.cfg.MaxDevices; max > 0 && len(devices) > max {
 		devices = devices[len(devices)-max:] // the newest logins, as Login would keep
 	}
+	at := &u.devices // the record has no device yet: appended in order, oldest first
 	for _, dr := range devices {
 		// The Store's strings may be slices of a larger buffer: clone what
 		// the record keeps.
@@ -447,7 +448,8 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, rec *Record) error {
 		if dr.Connected {
 			d.graceUntil, d.held = r.now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
 		}
-		u.devices = append(u.devices, d)
+		*at = d
+		at = &d.next
 	}
 	u.status = u.deriveStatus()
 	if u.status == Online {

@@ -49,10 +49,10 @@ type user struct {
 	hash      uint64 // of id: picks the shard and keys the shard's index
 	custom    string
 	version   uint64
-	devices   []*device // logged-in devices, oldest login first
-	idleSince int64     // unix ns: when the user last left Online, or last subscribed while not Online
-	timerAt   int64     // wheel slot of this record's earliest pending entry, 0 if none
-	pins      int32     // edge changes in progress that hold a pointer to this record
+	devices   *device // first of the logged-in devices, oldest login first; each links the next
+	idleSince int64   // unix ns: when the user last left Online, or last subscribed while not Online
+	timerAt   int32   // wheel tick of this record's earliest pending entry, 0 if none (ticks of a second: 68 years of uptime)
+	pins      int16   // edge changes in progress that hold a pointer to this record: one at a time, under the shard's edgeMu (see Engine.pin)
 	status    Status
 
 	// sessions lists the connected sessions. It is replaced, never changed in
@@ -77,15 +77,6 @@ type user struct {
 	// through releaseFan, and holds it only while fanQ (if any) is empty or
 	// being drained: so whenever fanMu is free, nothing is queued.
 	fanMu sync.Mutex
-
-	// fanQ takes changes applied while an earlier change of this user is
-	// still being delivered, so that the shard lock is not held waiting for
-	// fanMu; the goroutine delivering drains it, in order, before letting
-	// go. It is made, under the shard lock, by the first change of this
-	// user delivered outside that lock (one with watchers), and never
-	// removed: nil means every change so far was delivered under the shard
-	// lock, which is what lets finish deliver the next one there too.
-	fanQ *fanQueue
 }
 
 // fanQueue is a user's hand-off queue of changes waiting for delivery.
@@ -102,6 +93,17 @@ type edges struct {
 	friends     userSet               // users this user is notified about as friends
 	subscribers userSet               // users subscribed to this user
 	friendOf    userSet               // users that list this user as a friend
+
+	// fanQ takes changes applied while an earlier change of this user is
+	// still being delivered, so that the shard lock is not held waiting for
+	// fanMu; the goroutine delivering drains it, in order, before letting
+	// go. It is made, under the shard lock and fanMu, by the first change
+	// of this user delivered outside that lock (one with watchers, so the
+	// user has edges), and never removed: nil means every change so far was
+	// delivered under the shard lock, which is what lets finish deliver the
+	// next one there too. It lives here rather than in the record, which
+	// every user pays for.
+	fanQ *fanQueue
 }
 
 // edgesLocked returns u's edges, making them if needed. Call with the shard
@@ -131,25 +133,46 @@ type device struct {
 	lastSeen   int64    // unix ns of the latest login, heartbeat or disconnect
 	graceUntil int64    // unix ns: while nonzero, the device counts as online though it has no session
 	held       Reason   // what happens when graceUntil passes: ReasonLinkClose (DisconnectGrace) or ReasonTimeout (restored from a Store)
+	next       *device  // the user's next newer login; a list keeps the record smaller than a slice would, and users have few devices
 }
 
-// firstDevice is a user's first device together with the one-slot list
-// that holds it: one allocation instead of two, and no bigger, since a
-// device leaves that much of its size class unused.
-type firstDevice struct {
-	d    device
-	slot [1]*device
-}
-
-// newDeviceLocked makes a device for id, for the caller to append to
-// u.devices.
-func (u *user) newDeviceLocked(id string) *device {
-	if cap(u.devices) == 0 {
-		f := &firstDevice{d: device{id: cloneString(id)}}
-		u.devices = f.slot[:0]
-		return &f.d
+// eachDevice yields the user's devices, oldest login first. Call it with
+// the shard lock held; a loop that changes the list must stop right there.
+func (u *user) eachDevice(yield func(*device) bool) {
+	for d := u.devices; d != nil; d = d.next {
+		if !yield(d) {
+			return
+		}
 	}
-	return &device{id: cloneString(id)}
+}
+
+// appendDevice adds d as the newest login.
+func (u *user) appendDevice(d *device) {
+	at := &u.devices
+	for *at != nil {
+		at = &(*at).next
+	}
+	*at = d
+}
+
+// unlinkDevice takes d off the list, keeping the others' order.
+func (u *user) unlinkDevice(d *device) {
+	for at := &u.devices; *at != nil; at = &(*at).next {
+		if *at == d {
+			*at = d.next
+			d.next = nil
+			return
+		}
+	}
+}
+
+// deviceCount returns the number of logged-in devices.
+func (u *user) deviceCount() int {
+	n := 0
+	for d := u.devices; d != nil; d = d.next {
+		n++
+	}
+	return n
 }
 
 // online reports whether the device keeps its user Online.
@@ -157,10 +180,10 @@ func (d *device) online() bool { return d.session != nil || d.graceUntil != 0 }
 
 // deriveStatus computes the general status from the devices.
 func (u *user) deriveStatus() Status {
-	if len(u.devices) == 0 {
+	if u.devices == nil {
 		return Unlogined
 	}
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if d.online() {
 			return Online
 		}
@@ -170,7 +193,7 @@ func (u *user) deriveStatus() Status {
 
 // connected reports whether any device has a live session.
 func (u *user) connected() bool {
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if d.session != nil {
 			return true
 		}
@@ -178,18 +201,18 @@ func (u *user) connected() bool {
 	return false
 }
 
-func (u *user) device(id string) (int, *device) {
-	for i, d := range u.devices {
+func (u *user) device(id string) *device {
+	for d := range u.eachDevice {
 		if d.id == id {
-			return i, d
+			return d
 		}
 	}
-	return -1, nil
+	return nil
 }
 
 // emptyLocked reports whether the record holds nothing worth keeping.
 func (u *user) emptyLocked() bool {
-	if len(u.devices) != 0 || u.custom != "" || u.pins != 0 {
+	if u.devices != nil || u.custom != "" || u.pins != 0 {
 		return false
 	}
 	ed := u.edges.Load()
@@ -204,7 +227,7 @@ func (u *user) view() UserStatus {
 // onlineDevices lists the IDs of the devices keeping the user Online.
 func (u *user) onlineDevices() []string {
 	var ids []string
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if d.online() {
 			ids = append(ids, d.id)
 		}
@@ -216,7 +239,7 @@ func (u *user) onlineDevices() []string {
 // device gained or lost its session.
 func (u *user) publishSessionsLocked() {
 	n := 0
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if d.session != nil {
 			n++
 		}
@@ -228,7 +251,7 @@ func (u *user) publishSessionsLocked() {
 	if n == 1 {
 		// The usual single session: its own list, made with it, is never
 		// changed, so publishing it allocates nothing.
-		for _, d := range u.devices {
+		for d := range u.eachDevice {
 			if d.session != nil {
 				u.sessions.Store(&d.session.solo)
 				return
@@ -236,7 +259,7 @@ func (u *user) publishSessionsLocked() {
 		}
 	}
 	l := &sessionList{all: make([]*Session, 0, n)}
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		if d.session != nil {
 			l.all = append(l.all, d.session)
 		}
@@ -341,7 +364,7 @@ func (sh *shard) all(yield func(*user) bool) {
 // so a user logging in and out in a loop would grow the wheel without
 // bound. Kept, the record is reused, entry and all.
 func (sh *shard) dropIfEmptyLocked(u *user) {
-	if !u.emptyLocked() || !sh.holdsLocked(u) || (u.timerAt != 0 && !sh.wheel.fired(u.timerAt)) {
+	if !u.emptyLocked() || !sh.holdsLocked(u) || (u.timerAt != 0 && !sh.wheel.fired(int64(u.timerAt))) {
 		return
 	}
 	if u.fanMu.TryLock() {
@@ -446,7 +469,7 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 	// Only a change that leaves no device can leave an empty record; any
 	// other record that empties meanwhile is caught by this change's check
 	// or by the check of whoever emptied it.
-	c.mayDrop = len(u.devices) == 0
+	c.mayDrop = u.devices == nil
 }
 
 // finish completes a change begun under sh.mu, which it releases.
@@ -466,7 +489,11 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 // returns at once.
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
-	q := u.fanQ
+	ed := u.edges.Load()
+	var q *fanQueue
+	if ed != nil {
+		q = ed.fanQ
+	}
 	if q == nil && !e.watchedLocked(u) {
 		sh.counts.add(e.deliver(c))
 		if c.mayDrop {
@@ -493,11 +520,20 @@ func (e *Engine) finish(sh *shard, c *change) {
 	} else {
 		// No queue yet: any delivery under way is an edge change's, and short.
 		u.fanMu.Lock()
-		u.fanQ = &fanQueue{} // from now on every change of u goes this way
+		ed.fanQ = &fanQueue{} // from now on every change of u goes this way
 	}
 	sh.mu.Unlock()
 	sh.addTally(e.deliver(c))
 	e.releaseFan(sh, u, c.mayDrop)
+}
+
+// fanQueue returns u's hand-off queue, nil if it has none. Call it holding
+// the shard lock or fanMu.
+func (u *user) fanQueue() *fanQueue {
+	if ed := u.edges.Load(); ed != nil {
+		return ed.fanQ
+	}
+	return nil
 }
 
 // watchedLocked reports whether a change of u reaches sessions other than
@@ -533,7 +569,7 @@ func (e *Engine) deliver(c *change) (t tally) {
 // u's record if it has become empty. The caller holds u.fanMu and no shard
 // lock.
 func (e *Engine) releaseFan(sh *shard, u *user, drop bool) {
-	if q := u.fanQ; q != nil {
+	if q := u.fanQueue(); q != nil {
 		q.mu.Lock()
 		for len(q.items) > 0 {
 			batch := q.items
@@ -639,10 +675,10 @@ func (e *Engine) scheduleLocked(u *user) {
 	if limit := e.wheel.done.Load() + int64(horizon/e.wheel.tick); slot > limit {
 		slot = limit
 	}
-	if u.timerAt != 0 && !e.wheel.fired(u.timerAt) && u.timerAt <= slot {
+	if u.timerAt != 0 && !e.wheel.fired(int64(u.timerAt)) && int64(u.timerAt) <= slot {
 		return // the entry already there fires first and reschedules
 	}
-	u.timerAt = e.wheel.schedule(slot, u)
+	u.timerAt = int32(e.wheel.schedule(slot, u))
 }
 
 // nextDeadline returns the earliest moment (unix ns) something about u is
@@ -654,7 +690,7 @@ func (e *Engine) nextDeadline(u *user) int64 {
 			at = t
 		}
 	}
-	for _, d := range u.devices {
+	for d := range u.eachDevice {
 		switch {
 		case d.session != nil:
 			earliest(d.lastSeen + int64(e.cfg.HeartbeatTimeout))
@@ -701,7 +737,7 @@ func (u *user) expire(e *Engine, _ time.Time) {
 // expireOneLocked applies the first due device deadline of u, if any.
 func (e *Engine) expireOneLocked(sh *shard, u *user, now time.Time) (change, bool) {
 	t := now.UnixNano()
-	for i, d := range u.devices {
+	for d := range u.eachDevice {
 		switch {
 		case d.session != nil && t >= d.lastSeen+int64(e.cfg.HeartbeatTimeout):
 			c := beginChange(u)
@@ -716,20 +752,10 @@ func (e *Engine) expireOneLocked(sh *shard, u *user, now time.Time) (change, boo
 			return c, true
 		case d.session == nil && d.graceUntil == 0 && t >= d.lastSeen+int64(e.cfg.SessionExpiry):
 			c := beginChange(u)
-			u.removeDevice(i)
+			u.unlinkDevice(d)
 			sh.settleLocked(&c, now, ReasonExpired, d.id)
 			return c, true
 		}
 	}
 	return change{}, false
-}
-
-// removeDevice deletes the i-th device, keeping login order.
-func (u *user) removeDevice(i int) {
-	copy(u.devices[i:], u.devices[i+1:])
-	u.devices[len(u.devices)-1] = nil
-	u.devices = u.devices[:len(u.devices)-1]
-	if len(u.devices) == 0 {
-		u.devices = nil
-	}
 }

@@ -28,9 +28,24 @@ type wheel struct {
 	base time.Time     // tick 0
 	tick time.Duration // slot width; every entry fires within one tick after its deadline
 
-	mu    sync.Mutex          // protects slots
-	slots map[int64][]expirer // tick number -> entries due by then
-	done  atomic.Int64        // last tick whose slot has been taken; written under mu
+	mu    sync.Mutex           // protects slots
+	slots map[int64]*wheelSlot // tick number -> entries due by then
+	done  atomic.Int64         // last tick whose slot has been taken; written under mu
+}
+
+// wheelSlot holds the entries of one tick. User records, nearly all of the
+// entries, are kept as plain pointers: half the size of an interface value,
+// which matters with an entry per idle user.
+type wheelSlot struct {
+	users  []*user
+	others []expirer
+}
+
+func (s *wheelSlot) appendTo(buf []expirer) []expirer {
+	for _, u := range s.users {
+		buf = append(buf, u)
+	}
+	return append(buf, s.others...)
 }
 
 // newWheel starts a wheel at base. It works on wall-clock time throughout,
@@ -38,7 +53,7 @@ type wheel struct {
 // in the monotonic clock would make a step of the wall clock look like a
 // deadline that is due but never reached.
 func newWheel(base time.Time, tick time.Duration) *wheel {
-	return &wheel{base: base.Round(0), tick: tick, slots: make(map[int64][]expirer)}
+	return &wheel{base: base.Round(0), tick: tick, slots: make(map[int64]*wheelSlot)}
 }
 
 // slotFor returns the first tick at or after t.
@@ -59,7 +74,16 @@ func (w *wheel) schedule(slot int64, x expirer) int64 {
 	if done := w.done.Load(); slot <= done {
 		slot = done + 1
 	}
-	w.slots[slot] = append(w.slots[slot], x)
+	s := w.slots[slot]
+	if s == nil {
+		s = &wheelSlot{}
+		w.slots[slot] = s
+	}
+	if u, ok := x.(*user); ok {
+		s.users = append(s.users, u)
+	} else {
+		s.others = append(s.others, x)
+	}
 	w.mu.Unlock()
 	return slot
 }
@@ -74,16 +98,16 @@ func (w *wheel) due(now time.Time, buf []expirer) []expirer {
 	if upto-done > int64(len(w.slots)) {
 		// A long gap (a suspended process, say): visiting the occupied slots
 		// is cheaper than visiting every tick in between.
-		for k, xs := range w.slots {
+		for k, s := range w.slots {
 			if k <= upto {
-				buf = append(buf, xs...)
+				buf = s.appendTo(buf)
 				delete(w.slots, k)
 			}
 		}
 	} else {
 		for k := done + 1; k <= upto; k++ {
-			if xs, ok := w.slots[k]; ok {
-				buf = append(buf, xs...)
+			if s, ok := w.slots[k]; ok {
+				buf = s.appendTo(buf)
 				delete(w.slots, k)
 			}
 		}
@@ -103,8 +127,8 @@ func (w *wheel) pending() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	n := 0
-	for _, xs := range w.slots {
-		n += len(xs)
+	for _, s := range w.slots {
+		n += len(s.users) + len(s.others)
 	}
 	return n
 }
