@@ -1350,3 +1350,29 @@ func pickTwo(rng *rand.Rand, users []string) (string, string) {
 	j := (i + 1 + rng.IntN(len(users)-1)) % len(users)
 	return users[i], users[j]
 }
+
+// printableASCII, which checks every ID, reads eight bytes at a time; it
+// must agree with the plain byte-by-byte rule for every byte value at
+// every position, in strings of every length around the word size.
+func TestPrintableASCIIAgreesWithByteByByteRule(t *testing.T) {
+	byByte := func(s string) bool {
+		for i := 0; i < len(s); i++ {
+			if c := s[i]; c < 0x20 || c >= 0x7f {
+				return false
+			}
+		}
+		return true
+	}
+	base := []byte("abcdefghijklmnopq")
+	for pos := range base {
+		for c := range 256 {
+			b := append([]byte(nil), base...)
+			b[pos] = byte(c)
+			for n := range len(b) + 1 {
+				if got, want := printableASCII(string(b[:n])), byByte(string(b[:n])); got != want {
+					t.Fatalf("printableASCII(%q) = %v, want %v", b[:n], got, want)
+				}
+			}
+		}
+	}
+}

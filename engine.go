@@ -476,9 +476,8 @@ func (e *Engine) close() error {
 }
 
 // publish puts a record on the change feed, dropping the oldest record if
-// the feed is full. The caller holds the user's shard lock or its fanMu
-// (see finish), which keeps each user's records in the order they were
-// applied.
+// the feed is full. The caller holds the user's fanMu, which keeps each
+// user's records in the order they were applied.
 func (e *Engine) publish(c *Change) {
 	if e.feed == nil {
 		return
@@ -848,9 +847,7 @@ func (e *Engine) Stats() Stats {
 		st.Sessions += sh.sessions
 		st.Subscriptions += sh.subscriptions
 		st.Friendships += sh.friendships
-		st.Delivered += sh.counts.delivered
-		st.Coalesced += sh.counts.coalesced
-		st.Lost += sh.counts.lost
+		st.Delivered += sh.ownDelivered
 		sh.mu.Unlock()
 		st.Delivered += sh.delivered.Load()
 		st.Coalesced += sh.coalesced.Load()
@@ -864,8 +861,26 @@ func (e *Engine) Stats() Stats {
 }
 
 // printableASCII reports whether s is all ASCII without control characters.
+// Every call checks its IDs with it, so it looks at eight bytes at a time:
+// with the top bit of each byte clear, adding 0x60 sets that bit exactly
+// for the bytes from 0x20 up, and adding 0x01 exactly for 0x7f (DEL),
+// without a carry into the next byte either way.
 func printableASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
+	const (
+		top   = 0x8080808080808080
+		upTo  = 0x6060606060606060
+		one   = 0x0101010101010101
+		width = 8
+	)
+	i := 0
+	for ; i+width <= len(s); i += width {
+		w := uint64(s[i]) | uint64(s[i+1])<<8 | uint64(s[i+2])<<16 | uint64(s[i+3])<<24 |
+			uint64(s[i+4])<<32 | uint64(s[i+5])<<40 | uint64(s[i+6])<<48 | uint64(s[i+7])<<56
+		if w&top != 0 || (w+upTo)&top != top || (w+one)&top != 0 {
+			return false
+		}
+	}
+	for ; i < len(s); i++ {
 		if c := s[i]; c < 0x20 || c >= 0x7f {
 			return false
 		}

@@ -81,3 +81,151 @@ func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A user watched only by a friend (NotifyFriends on) is watched all the
+// same: its changes take the delivery lock and the hand-off queue, so the
+// friend gets them, in order, and a friend's reader holding its mailbox
+// holds up neither the user's next change nor the other users of its
+// shard. Were friends left out of watchedLocked, the friend would get
+// nothing; without the hand-off the test would hang.
+func TestChangeSeenOnlyByFriendDoesNotHoldTheShard(t *testing.T) {
+	e, err := New(Config{NotifyFriends: true, Shards: 1, ChangeFeedSize: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	if _, err := e.Login("hot", "phone"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := e.Login("friend", "phone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.AddFriends("friend", "hot"); err != nil {
+		t.Fatal(err)
+	}
+	f.Drain(nil)
+	for len(e.feed) > 0 {
+		<-e.feed
+	}
+
+	// Hold the friend's mailbox: the delivery of hot's first change stops
+	// there until the test lets go.
+	f.mu.Lock()
+	first := make(chan error)
+	go func() { first <- e.SetSelfStatus("hot", "one") }()
+	sh, k := e.locate("hot")
+	for applied := false; !applied; {
+		runtime.Gosched()
+		sh.mu.Lock()
+		applied = sh.getLocked(k).custom == "one" // applied, so its delivery has begun
+		sh.mu.Unlock()
+	}
+
+	if err := e.SetSelfStatus("hot", "two"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.Login("other", "phone"); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Unlock()
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+
+	// The friend holds hot's latest state, and the feed has hot's records
+	// in the order they were applied.
+	got := f.Drain(nil)
+	if len(got) != 1 || got[0].UserID != "hot" || got[0].Custom != "two" {
+		t.Fatalf("friend drained %+v, want hot's latest change (custom two)", got)
+	}
+	var customs []string
+	for len(e.feed) > 0 {
+		if c := <-e.feed; c.UserID == "hot" {
+			customs = append(customs, c.Custom)
+		}
+	}
+	if len(customs) != 2 || customs[0] != "one" || customs[1] != "two" {
+		t.Fatalf("hot's feed records carry %q, want [one two]", customs)
+	}
+	if err := e.checkInvariants(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A change of a user nobody watches reaches the user's own sessions without
+// the delivery lock, so two such changes made at once can arrive in either
+// order. A session drops an event about its own user that is older than one
+// it already took in, even once the newer one has been read: its reader
+// never sees the user's version go back.
+func TestOwnSessionDropsOlderOwnEventArrivingLate(t *testing.T) {
+	e, err := New(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s, err := e.Login("u", "phone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	login := s.Drain(nil)
+	if len(login) != 1 {
+		t.Fatalf("drained %+v after login, want the login event", login)
+	}
+	v := login[0].Version
+	older := Event{UserStatus: UserStatus{UserID: "u", Status: Online, Custom: "one", Version: v + 1}, Reason: ReasonCustomStatus}
+	newer := Event{UserStatus: UserStatus{UserID: "u", Status: Online, Custom: "two", Version: v + 2}, Reason: ReasonCustomStatus}
+	var tl tally
+	s.push(&newer, &tl)
+	if got := s.Drain(nil); len(got) != 1 || got[0].Custom != "two" {
+		t.Fatalf("drained %+v, want the newer event", got)
+	}
+	s.push(&older, &tl)
+	if got := s.Drain(nil); len(got) != 0 {
+		t.Fatalf("drained %+v after the older event arrived late, want nothing", got)
+	}
+	if tl.delivered != 1 {
+		t.Fatalf("counted %d delivered, want 1: the late event did not land", tl.delivered)
+	}
+}
+
+// The delivered count of a change only the user's own sessions hear of is
+// taken as the change is applied; an event that then does not land (its
+// session ended meanwhile) is taken off again, so Stats stays exact.
+func TestOwnEventToSessionEndedMeanwhileIsNotCounted(t *testing.T) {
+	e, err := New(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s, err := e.Login("u", "phone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Drain(nil)
+	before := e.Stats().Delivered
+
+	// Hold the mailbox so that the change's delivery waits there, then
+	// end the session the way markEnded does, under the mailbox's lock.
+	s.mu.Lock()
+	done := make(chan error)
+	go func() { done <- e.SetSelfStatus("u", "busy") }()
+	sh, k := e.locate("u")
+	for applied := false; !applied; {
+		runtime.Gosched()
+		sh.mu.Lock()
+		applied = sh.getLocked(k).custom == "busy"
+		sh.mu.Unlock()
+	}
+	s.ended.Store(true)
+	s.mu.Unlock()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := e.Stats().Delivered; got != before {
+		t.Fatalf("Stats().Delivered = %d after an event that did not land, want %d", got, before)
+	}
+	if got := s.Drain(nil); len(got) != 0 {
+		t.Fatalf("ended session drained %+v, want nothing", got)
+	}
+}

@@ -37,6 +37,7 @@ type Session struct {
 	mu     sync.Mutex          // protects box, closed, and the making of done
 	box    fifo[string, Event] // pending events keyed by the user they are about, oldest first
 	closed bool                // Done's channel is closed, or is to start closed when made
+	own    uint64              // version of the latest event about the session's own user taken in
 
 	// solo is the list of its user's sessions published while this is the
 	// only one (see publishSessionsLocked): made with the session and
@@ -169,6 +170,18 @@ func (s *Session) push(ev *Event, t *tally) {
 	if s.ended.Load() { // checked under mu: nothing lands after the reader's last drain
 		s.mu.Unlock()
 		return
+	}
+	if ev.UserID == s.u.id {
+		// A change of this session's own user that nobody watches is
+		// delivered without the user's delivery lock (see Engine.finish),
+		// so an older one can arrive after a newer one was taken in, and
+		// perhaps read already. It is dropped: the session holds or has
+		// had the newer state.
+		if ev.Version <= s.own {
+			s.mu.Unlock()
+			return
+		}
+		s.own = ev.Version
 	}
 	wasEmpty := s.box.len() == 0
 	if i := s.box.find(ev.UserID); i != none {

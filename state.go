@@ -19,9 +19,12 @@ type shard struct {
 	wheel   *wheel // the engine's, to tell whether a record still has a pending entry
 	records bool   // changes produce Change records (the change feed is on)
 
-	// counts are the delivery counters of the changes delivered under the
-	// lock (see Engine.finish); Stats adds them to the atomic ones below.
-	counts tally
+	// ownDelivered counts, under mu, the events of changes that only the
+	// user's own sessions hear of, as each change is applied: one per
+	// session it is about to reach (see Engine.finish). It spares the most
+	// common change an atomic operation; the rare event that does not land
+	// after all is taken off delivered below. Stats adds the two.
+	ownDelivered uint64
 
 	// Delivery counters for Stats, bumped after the lock is released by the
 	// deliveries of this shard's users. One set per shard, on a cache line
@@ -65,11 +68,12 @@ type user struct {
 	// the atomic pointer.
 	edges atomic.Pointer[edges]
 
-	// fanMu is taken under the shard lock when a change of this user is
-	// to be delivered outside it (or the change is queued on fanQ for the
-	// holder) and released once that change has been delivered, after the
-	// shard lock: deliveries of one user's changes happen one at a time in
-	// version order while the shard stays free. It also guards the reverse
+	// fanMu is taken under the shard lock when a change of this user that
+	// watchers or the change feed hear of is applied (or the change is
+	// queued on fanQ for the holder), and released once that change has
+	// been delivered, after the shard lock: such deliveries happen one at a
+	// time in version order while the shard stays free. (A change only the
+	// user's own sessions hear of goes without it: see Engine.finish.) It also guards the reverse
 	// indexes (edges.subscribers, edges.friendOf) for the delivery, which
 	// reads them without the shard lock; they are written with both held.
 	//
@@ -97,11 +101,9 @@ type edges struct {
 	// fanQ takes changes applied while an earlier change of this user is
 	// still being delivered, so that the shard lock is not held waiting for
 	// fanMu; the goroutine delivering drains it, in order, before letting
-	// go. It is made, under the shard lock and fanMu, by the first change
-	// of this user delivered outside that lock (one with watchers, so the
-	// user has edges), and never removed: nil means every change so far was
-	// delivered under the shard lock, which is what lets finish deliver the
-	// next one there too. It lives here rather than in the record, which
+	// go. It is made (under the shard lock and fanMu) when a change of a
+	// user with watchers is delivered: without watchers a delivery is short.
+	// It is never removed, and lives here rather than in the record, which
 	// every user pays for.
 	fanQ *fanQueue
 }
@@ -354,9 +356,11 @@ func (sh *shard) all(yield func(*user) bool) {
 }
 
 // dropIfEmptyLocked deletes u's record if it holds nothing. A delivery of u's
-// last change may still be under way: fanMu is then held, and the record
-// stays until that delivery's own check. Every fanMu holder took it under
-// this shard's lock, so TryLock succeeding here means none is in flight.
+// last change to watchers or the feed may still be under way: fanMu is then
+// held, and the record stays until that delivery's own check. Every fanMu
+// holder took it under this shard's lock, so TryLock succeeding here means
+// none is in flight. (A delivery to u's own sessions alone may be: an empty
+// record has no session left to take it in, so nothing hangs on the record.)
 //
 // A record with an entry still on the wheel stays too, until that entry
 // fires: the wheel cannot cancel it, and dropping the record would leave the
@@ -472,37 +476,55 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 	c.mayDrop = u.devices == nil
 }
 
-// finish completes a change begun under sh.mu, which it releases.
+// finish completes a change begun under sh.mu, which it releases, and
+// delivers it after the shard lock is let go.
 //
-// A change that only u's own sessions hear of, of a user none of whose
-// changes has ever been delivered outside the lock (fanQ is nil), is
-// delivered right here, under the shard lock: the lock alone keeps u's
-// changes in order, and the delivery is short. This is the common case (a
-// user nobody watches), and it spares the delivery lock and the atomic
-// counters.
+// A change that only u's own sessions hear of (nobody watches u, and the
+// change feed is off) is delivered without the user's delivery lock: the
+// common case, a user nobody watches, is spared that lock's two atomic
+// operations. Two such changes of u made at once may then reach u's
+// sessions in either order; a session keeps the newer one (see
+// Session.push), which is what it would hold had it not read between them.
 //
-// Any other change is delivered after the shard lock is let go: the user's
-// delivery lock is taken first, so u's changes are delivered in the order
-// they were applied while the shard stays free for its other users. If an
-// earlier change of u is still being delivered (to thousands of watchers,
-// say), the change is handed to the goroutine delivering it, and finish
-// returns at once.
+// Any other change takes the user's delivery lock first, under the shard
+// lock, so u's changes reach watchers and the change feed one at a time in
+// the order they were applied, while the shard stays free for its other
+// users. If an earlier change of u is still being delivered (to thousands
+// of watchers, say), the change is handed to the goroutine delivering it,
+// and finish returns at once.
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
-	ed := u.edges.Load()
-	var q *fanQueue
-	if ed != nil {
-		q = ed.fanQ
-	}
-	if q == nil && !e.watchedLocked(u) {
-		sh.counts.add(e.deliver(c))
-		if c.mayDrop {
-			sh.dropIfEmptyLocked(u)
+	if e.feed == nil && !e.watchedLocked(u) {
+		// No delivery of u to its watchers can be under way: the last
+		// watcher went under u's delivery lock, so after every delivery
+		// to it had ended.
+		var l *sessionList
+		if c.notify {
+			if l = u.sessions.Load(); l != nil {
+				sh.ownDelivered += uint64(len(l.all))
+			}
 		}
 		sh.mu.Unlock()
+		if l != nil {
+			var t tally
+			for _, s := range l.all {
+				s.push(&c.event, &t)
+			}
+			if missed := uint64(len(l.all)) - t.delivered; missed != 0 {
+				sh.delivered.Add(-missed) // ended, or already holding a newer event
+			}
+			t.delivered = 0
+			sh.addTally(t)
+		}
+		c.closeEnded()
+		if c.mayDrop {
+			sh.mu.Lock()
+			sh.dropIfEmptyLocked(u)
+			sh.mu.Unlock()
+		}
 		return
 	}
-	if q != nil {
+	if q := u.fanQueue(); q != nil {
 		// Whenever fanMu is free the queue is empty (see releaseFan), so a
 		// TryLock that succeeds needs no look at the queue. Only when it
 		// fails is the queue's lock taken, to hand the change over or to
@@ -518,9 +540,12 @@ func (e *Engine) finish(sh *shard, c *change) {
 			q.mu.Unlock()
 		}
 	} else {
-		// No queue yet: any delivery under way is an edge change's, and short.
+		// No queue: any delivery under way is short (an edge change's, or
+		// one that reaches only u's own sessions).
 		u.fanMu.Lock()
-		ed.fanQ = &fanQueue{} // from now on every change of u goes this way
+		if e.watchedLocked(u) {
+			u.edges.Load().fanQ = &fanQueue{}
+		}
 	}
 	sh.mu.Unlock()
 	sh.addTally(e.deliver(c))
@@ -546,7 +571,7 @@ func (e *Engine) watchedLocked(u *user) bool {
 
 // deliver fans c's event out, publishes its record and closes the Done
 // channels of the sessions it ended, and returns what the fan-out did for
-// the counters. The caller holds u's shard lock or u.fanMu (see finish).
+// the counters. The caller holds u.fanMu and no shard lock.
 func (e *Engine) deliver(c *change) (t tally) {
 	if c.notify {
 		t = e.fanOut(c.u, &c.event)
@@ -554,13 +579,18 @@ func (e *Engine) deliver(c *change) (t tally) {
 	if c.record.Reason != 0 {
 		e.publish(&c.record)
 	}
+	c.closeEnded()
+	return t
+}
+
+// closeEnded closes the Done channels of the sessions c ended.
+func (c *change) closeEnded() {
 	for _, s := range c.ended[:c.nEnded] {
 		s.closeDone()
 	}
 	for _, s := range c.extra {
 		s.closeDone()
 	}
-	return t
 }
 
 // releaseFan delivers whatever was queued for u meanwhile, then lets go of
@@ -629,12 +659,6 @@ func (e *Engine) fanOut(u *user, ev *Event) tally {
 // tally counts one delivery's outcomes so the engine-wide counters are
 // touched once per change rather than once per session.
 type tally struct{ delivered, coalesced, lost uint64 }
-
-func (t *tally) add(o tally) {
-	t.delivered += o.delivered
-	t.coalesced += o.coalesced
-	t.lost += o.lost
-}
 
 func (t *tally) toUser(w *user, ev *Event) {
 	l := w.sessions.Load()
