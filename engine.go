@@ -312,6 +312,7 @@ type Engine struct {
 	closeOnce sync.Once
 	stop      chan struct{}
 	wg        sync.WaitGroup
+	ending    sync.WaitGroup // changes that ended sessions, until their Done channels are closed
 
 	feed           chan Change
 	feedMu         sync.Mutex // protects feedClosed and orders the drop-oldest sends on feed
@@ -466,6 +467,10 @@ func (e *Engine) close() error {
 	for _, s := range ended {
 		s.closeDone()
 	}
+	// Sessions that changes ended before the sweep are closed by those
+	// changes' deliveries, which may still be under way; none can start
+	// now, since no session is left to end.
+	e.ending.Wait()
 	if e.feed != nil {
 		e.feedMu.Lock()
 		e.feedClosed = true

@@ -494,6 +494,9 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 // and finish returns at once.
 func (e *Engine) finish(sh *shard, c *change) {
 	u := c.u
+	if c.nEnded != 0 {
+		e.ending.Add(1) // under the shard lock, so before Close's sweep of it
+	}
 	if e.feed == nil && !e.watchedLocked(u) {
 		// No delivery of u to its watchers can be under way: the last
 		// watcher went under u's delivery lock, so after every delivery
@@ -516,7 +519,7 @@ func (e *Engine) finish(sh *shard, c *change) {
 			t.delivered = 0
 			sh.addTally(t)
 		}
-		c.closeEnded()
+		e.closeEnded(c)
 		if c.mayDrop {
 			sh.mu.Lock()
 			sh.dropIfEmptyLocked(u)
@@ -579,18 +582,22 @@ func (e *Engine) deliver(c *change) (t tally) {
 	if c.record.Reason != 0 {
 		e.publish(&c.record)
 	}
-	c.closeEnded()
+	e.closeEnded(c)
 	return t
 }
 
 // closeEnded closes the Done channels of the sessions c ended.
-func (c *change) closeEnded() {
+func (e *Engine) closeEnded(c *change) {
+	if c.nEnded == 0 {
+		return
+	}
 	for _, s := range c.ended[:c.nEnded] {
 		s.closeDone()
 	}
 	for _, s := range c.extra {
 		s.closeDone()
 	}
+	e.ending.Done()
 }
 
 // releaseFan delivers whatever was queued for u meanwhile, then lets go of
