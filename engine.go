@@ -779,7 +779,7 @@ func (e *Engine) getUserStatus(op string, dst []UserStatus, callerID string, use
 		sh, k := e.locate(id)
 		sh.mu.Lock()
 		if u := sh.getLocked(k); u != nil {
-			out[i] = u.view()
+			u.viewInto(&out[i])
 			if id == callerID {
 				out[i].Devices = u.onlineDevices()
 			}
@@ -824,7 +824,7 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 			sh.mu.Unlock()
 			continue
 		}
-		out[i].UserStatus = u.view()
+		u.viewInto(&out[i].UserStatus)
 		out[i].Devices = u.onlineDevices()
 		for d := range u.eachDevice {
 			out[i].Sessions = append(out[i].Sessions, SessionInfo{

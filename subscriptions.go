@@ -59,7 +59,9 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 		// are handed off (see finish).
 		tu.fanMu.Lock()
 		tu.edgesLocked().subscribers.add(a)
-		ev := Event{UserStatus: tu.view(), Reason: ReasonSubscribed}
+		var ev Event
+		tu.viewInto(&ev.UserStatus)
+		ev.Reason = ReasonSubscribed
 		tsh.mu.Unlock()
 		t.toUser(a, &ev)
 		e.releaseFan(tsh, tu, false) // changes applied since the view follow it
