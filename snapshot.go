@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"math/bits"
 	"runtime"
 	"slices"
 	"sync"
@@ -97,46 +98,102 @@ func (e *Engine) records(ctx context.Context) iter.Seq2[[]Record, error] {
 
 // copyRecords fills batches taken from empty and sends them on full, until
 // every shard is copied, ctx ends or stop closes.
+//
+// Listing takes only the index's pointers: whether a record has state of
+// its own is looked at when it is copied, together with the rest of it.
 func (e *Engine) copyRecords(ctx context.Context, empty <-chan []Record, full chan<- []Record, stop <-chan struct{}) {
 	var users []*user
+	var w saveWarmer
+	var batch []Record // being filled; nil until taken from empty
 	for i := range e.shards {
 		sh := &e.shards[i]
 		users = users[:0]
 		sh.mu.Lock()
 		for u := range sh.all {
-			if u.hasOwnState() {
-				users = append(users, u)
-			}
+			users = append(users, u)
 		}
 		sh.mu.Unlock()
 		for len(users) > 0 {
 			if ctx.Err() != nil {
 				return
 			}
-			var batch []Record
-			select {
-			case batch = <-empty:
-			case <-stop:
-				return
+			if batch == nil {
+				select {
+				case batch = <-empty:
+				case <-stop:
+					return
+				}
 			}
 			n := min(batchUsers, len(users))
 			batch = batch[:0]
 			sh.mu.Lock()
-			for _, u := range users[:n] {
-				if sh.holdsLocked(u) && u.hasOwnState() {
+			for j, u := range users[:n] {
+				if j%warmUsers == 0 {
+					w.warmLocked(users[j:min(j+warmUsers, n)])
+				}
+				if u.hasOwnState() && sh.holdsLocked(u) {
 					batch = batch[:len(batch)+1]
 					u.recordLocked(&batch[len(batch)-1])
 				}
 			}
 			sh.mu.Unlock()
 			users = users[n:]
+			if len(batch) == 0 {
+				continue // nothing to save among these: fill the same batch again
+			}
 			select {
 			case full <- batch:
+				batch = nil
 			case <-stop:
 				return
 			}
 		}
 	}
+}
+
+// warmUsers is how many records saveWarmer reads ahead of the copy: what
+// they lead to fits in the CPU's first-level cache.
+const warmUsers = 32
+
+// saveWarmer reads what copying a batch will read, a step at a time for the
+// whole batch: the records, then their devices and edges, then the records
+// their edges lead to. Each step's loads do not wait for each other, so the
+// CPU overlaps their cache misses, where copying record by record would
+// wait for them one after another; the copy then finds them cached.
+type saveWarmer struct {
+	eds  [warmUsers]*edges
+	devs [warmUsers]*device
+	sum  int // what is read, so that the reads are not optimized away
+}
+
+func (w *saveWarmer) warmLocked(users []*user) {
+	sum := 0
+	for j, u := range users {
+		w.eds[j], w.devs[j] = u.edges.Load(), u.devices
+	}
+	for j := range users {
+		if d := w.devs[j]; d != nil {
+			sum += int(d.lastSeen)
+		}
+		if ed := w.eds[j]; ed != nil {
+			sum += len(ed.subs.nodes) + len(ed.friends.list)
+		}
+	}
+	for j := range users {
+		ed := w.eds[j]
+		if ed == nil {
+			continue
+		}
+		for k := range ed.subs.nodes {
+			if t := ed.subs.nodes[k].key; t != nil {
+				sum += len(t.id)
+			}
+		}
+		for _, t := range ed.friends.list {
+			sum += len(t.id)
+		}
+	}
+	w.sum += sum
 }
 
 // hasOwnState reports whether the record holds anything a Store must keep.
@@ -269,8 +326,9 @@ func (e *Engine) snapshotLoop() {
 func (e *Engine) restore(ctx context.Context) error {
 	now := e.now()
 	workers := make([]restorer, runtime.GOMAXPROCS(0))
+	index := make([]restoreIndex, len(e.shards)) // dropped when the restore ends
 	for w := range workers {
-		workers[w] = restorer{e: e, now: now, firstShard: len(e.shards) * w / len(workers)}
+		workers[w] = restorer{e: e, now: now, index: index, firstShard: len(e.shards) * w / len(workers)}
 	}
 	// An error stays: a goroutine that failed restores nothing more, and
 	// a Store that dropped add's error must not leave a half-restored
@@ -321,12 +379,13 @@ const maxStoredID = 1 << 16
 // shared yet, but the locks are taken as usual so the helpers' rules hold.
 //
 // At a million users the records are far bigger than the caches, and
-// finding a record (index slot, record, ID) is a chain of cache misses.
-// Taken record by record, those chains run one after another. A share is
-// therefore restored in passes, each over many records grouped by shard:
-// each shard is locked once per group (a lock is a fence, which would keep
-// the CPU from overlapping one lookup's misses with the next's), and warm
-// touches the group's records a step at a time first, so that their misses
+// finding a record is a chain of cache misses. Taken record by record, those
+// chains run one after another. A share is therefore restored in passes,
+// each over many records grouped by shard: each shard is locked once per
+// group (a lock is a fence, which would keep the CPU from overlapping one
+// lookup's misses with the next's), records are found through the shard's
+// restoreIndex rather than its map, and the steps of each chain are taken
+// for the whole group at a time (see warmGroup), so that their misses
 // overlap. The passes: check the records and queue their edges; make the
 // records and restore what they hold themselves; link every edge into its
 // target's reverse index; fill in the records' own lists, whose sizes are
@@ -334,8 +393,9 @@ const maxStoredID = 1 << 16
 type restorer struct {
 	e          *Engine
 	now        time.Time
-	firstShard int    // where a pass over the shards starts, so goroutines seldom want one shard at once
-	top        uint64 // highest version restored so far
+	index      []restoreIndex // one per shard, shared by the goroutines: see restoreIndex
+	firstShard int            // where a pass over the shards starts, so goroutines seldom want one shard at once
+	top        uint64         // highest version restored so far
 
 	owners  []restoredOwner // the share's valid records
 	links   []restoredLink  // their edges, each record's subscriptions then friends
@@ -348,13 +408,16 @@ type restorer struct {
 	// shard, ownerEnds[s] is where shard s's group ends; the same for links.
 	ownerOrder, ownerEnds []int32
 	linkOrder, linkEnds   []int32
+	grouped               []restoredLink // the links in linkOrder
 
 	// Records and edges seen so far: their ratio predicts how many
 	// subscribers (friendOf) a target will have, so its set is made that
 	// big at once rather than grown step by step.
 	records, subs, friends int
 
-	warmed int // see warm
+	found   []foundRecord // scratch for find
+	dropped bool          // restoreOwn dropped a record since find
+	warm    int           // what the warming steps read, so that the reads are not optimized away
 }
 
 // restoredOwner is a record being restored; while its edges are linked it
@@ -371,6 +434,7 @@ type restoredOwner struct {
 type restoredLink struct {
 	target key
 	owner  int32 // index in restorer.owners
+	at     int32 // index in restorer.links
 	friend bool
 }
 
@@ -386,11 +450,18 @@ func (r *restorer) restore(records []Record) error {
 		}
 	}
 	r.ownerOrder, r.ownerEnds = r.groupByShard(len(r.owners), func(i int) uint64 { return r.owners[i].key.hash }, r.ownerOrder, r.ownerEnds)
-	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, group []int32) {
-		r.warm(sh, group, func(i int32) uint64 { return r.owners[i].key.hash })
-		for _, i := range group {
-			o := &r.owners[i]
-			if e := r.restoreOwn(sh, o, &records[o.rec]); e != nil && o.rec < failed {
+	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, idx *restoreIndex, _ int32, group []int32) {
+		found := r.find(sh, idx, len(group), func(j int) key { return r.owners[group[j]].key })
+		r.warmFound(found)
+		r.dropped = false
+		for j, i := range group {
+			o, u := &r.owners[i], found[j].u
+			if r.dropped && !sh.holdsLocked(u) {
+				// An empty record for the same user, earlier in the
+				// group, was dropped since find.
+				u = getOrCreateIndexed(sh, idx, o.key)
+			}
+			if e := r.restoreOwn(sh, o, u, &records[o.rec]); e != nil && o.rec < failed {
 				failed, err = o.rec, e
 			}
 		}
@@ -419,19 +490,18 @@ func (r *restorer) queue(records []Record, i int) error {
 	owner := int32(len(r.owners))
 	r.owners = append(r.owners, restoredOwner{rec: i, key: k, firstLink: len(r.links), subs: len(subs), friends: len(friends)})
 	for _, k := range subs {
-		r.links = append(r.links, restoredLink{target: k, owner: owner})
+		r.links = append(r.links, restoredLink{target: k, owner: owner, at: int32(len(r.links))})
 	}
 	for _, k := range friends {
-		r.links = append(r.links, restoredLink{target: k, owner: owner, friend: true})
+		r.links = append(r.links, restoredLink{target: k, owner: owner, at: int32(len(r.links)), friend: true})
 	}
 	return nil
 }
 
-// restoreOwn restores what rec holds itself into o's record, under sh's
+// restoreOwn restores what rec holds itself into u, o's record, under sh's
 // lock. A record with edges stays pinned until linkOwners.
-func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, rec *Record) error {
+func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, u *user, rec *Record) error {
 	e := r.e
-	u := sh.getOrCreateLocked(o.key)
 	if u.hasOwnState() || u.pins != 0 { // pinned: its edges are being linked, by this goroutine or another
 		return recordError(rec, "user saved twice")
 	}
@@ -468,6 +538,10 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, rec *Record) error {
 		// and kept it.
 		if !u.emptyLocked() || !r.linkedBefore(o) {
 			sh.dropIfEmptyLocked(u)
+			if !sh.holdsLocked(u) {
+				r.index[u.hash&e.mask].forget(u)
+				r.dropped = true
+			}
 		}
 		return nil
 	}
@@ -555,45 +629,52 @@ func recordError(rec *Record, format string, args ...any) error {
 }
 
 // groupByShard lists the indexes 0..n-1 in order, grouped by the shard of
-// hash(i) (as Engine.locate picks it), reusing order and ends; ends[s] is
-// where shard s's group ends.
+// hash(i) (as Engine.locate picks it), and within a shard's group by the
+// region of the shard's restore index where hash(i) is found (see
+// restoreIndex.slot): taken in that order, lookups that are near each other
+// in the index come one after another, and share its pages and cache lines.
+// It reuses order and ends; ends[s<<indexRegionBits|region] is where that
+// part of the order ends.
 func (r *restorer) groupByShard(n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
-	shards := len(r.e.shards)
-	ends = slices.Grow(ends[:0], shards)[:shards]
+	bucket := func(h uint64) uint64 { return (h&r.e.mask)<<indexRegionBits | h>>(64-indexRegionBits) }
+	buckets := len(r.e.shards) << indexRegionBits
+	ends = slices.Grow(ends[:0], buckets)[:buckets]
 	clear(ends)
 	for i := range n {
-		ends[hash(i)&r.e.mask]++
+		ends[bucket(hash(i))]++
 	}
 	start := int32(0)
-	for s, count := range ends {
-		ends[s] = start // for now, where the group starts; filling it moves it to its end
+	for b, count := range ends {
+		ends[b] = start // for now, where the group starts; filling it moves it to its end
 		start += count
 	}
 	order = slices.Grow(order[:0], n)[:n]
 	for i := range n {
-		s := hash(i) & r.e.mask
-		order[ends[s]] = int32(i)
-		ends[s]++
+		b := bucket(hash(i))
+		order[ends[b]] = int32(i)
+		ends[b]++
 	}
 	return order, ends
 }
 
 // eachGroup calls fn for every shard's group in order (see groupByShard)
-// with the shard locked.
-func (r *restorer) eachGroup(order, ends []int32, fn func(sh *shard, group []int32)) {
+// with the shard locked, the shard's restore index, and where the group
+// starts in order.
+func (r *restorer) eachGroup(order, ends []int32, fn func(sh *shard, idx *restoreIndex, begin int32, group []int32)) {
 	shards := len(r.e.shards)
 	for n := range shards {
 		s := (r.firstShard + n) % shards
 		begin := int32(0)
 		if s > 0 {
-			begin = ends[s-1]
+			begin = ends[s<<indexRegionBits-1]
 		}
-		if begin == ends[s] {
+		end := ends[(s+1)<<indexRegionBits-1]
+		if begin == end {
 			continue
 		}
 		sh := &r.e.shards[s]
 		sh.mu.Lock()
-		fn(sh, order[begin:ends[s]])
+		fn(sh, &r.index[s], begin, order[begin:end])
 		sh.mu.Unlock()
 	}
 }
@@ -603,18 +684,30 @@ func (r *restorer) eachGroup(order, ends []int32, fn func(sh *shard, group []int
 func (r *restorer) linkTargets() {
 	r.targets = slices.Grow(r.targets[:0], len(r.links))[:len(r.links)]
 	r.linkOrder, r.linkEnds = r.groupByShard(len(r.links), func(i int) uint64 { return r.links[i].target.hash }, r.linkOrder, r.linkEnds)
-	r.eachGroup(r.linkOrder, r.linkEnds, func(sh *shard, group []int32) {
-		r.warm(sh, group, func(i int32) uint64 { return r.links[i].target.hash })
-		for _, i := range group {
-			r.targets[i] = sh.getOrCreateLocked(r.links[i].target)
-		}
-		for _, i := range group {
-			l := &r.links[i]
+	// The links are copied in that order, so that the passes below read
+	// them one after another: taken through linkOrder, the links of a
+	// batch, far bigger than the cache, would be one more miss each.
+	r.grouped = slices.Grow(r.grouped[:0], len(r.links))[:len(r.links)]
+	for at, i := range r.linkOrder {
+		r.grouped[at] = r.links[i]
+	}
+	r.eachGroup(r.linkOrder, r.linkEnds, func(sh *shard, idx *restoreIndex, begin int32, group []int32) {
+		links := r.grouped[begin:][:len(group)]
+		found := r.find(sh, idx, len(links), func(j int) key { return links[j].target })
+		r.warmReverse(links, found)
+		for j := range links {
+			l, t := &links[j], found[j].u
+			r.targets[l.at] = t
 			// No delivery can run before New returns, so the shard lock
 			// alone guards the index here. Each record's lists were
 			// checked for repeats, and each record comes once, so every
 			// edge here is new.
-			ed := r.targets[i].edgesLocked()
+			ed := found[j].ed
+			if ed == nil {
+				ed = t.edgesLocked()
+				idx.noteEdges(t, ed)
+				found[j].ed = ed // for a second link to t in this group
+			}
 			set, expect := &ed.subscribers, r.subs
 			if l.friend {
 				set, expect = &ed.friendOf, r.friends
@@ -627,42 +720,182 @@ func (r *restorer) linkTargets() {
 	})
 }
 
-// warm reads what the work on group will read, a step at a time for the
-// whole group: the index slots, then the records, then their IDs and
-// edges. Each pass's loads do not wait for each other, so the CPU overlaps
-// their misses, and the work that follows finds them cached. What warm
-// finds is only a hint, which is why it may read the index directly:
-// getOrCreateLocked then does the real lookup.
-func (r *restorer) warm(sh *shard, group []int32, hash func(int32) uint64) {
-	// The hints are kept on the stack: a pointer stored there needs no
-	// write barrier, which while the collector marks would cost a miss of
-	// its own.
-	var found [64]*user
-	var eds [64]*edges
-	sum := 0 // what is read, so that the reads are not optimized away
-	for len(group) > 0 {
-		n := min(len(group), len(found))
-		for j, i := range group[:n] {
-			found[j] = sh.users[hash(i)]
+// At a million users the records are far bigger than the caches, and
+// reaching a record's part (index slot, ID, edges, reverse index) is a chain
+// of cache misses. Taken item by item, those chains run one after another.
+// The steps below (find, warmReverse, warmOwners) therefore take a group's
+// items a step of the chain at a time, warmGroup items per step: each step's
+// loads do not wait for each other, so the CPU overlaps their misses, and
+// the work that follows finds them cached. The hints are kept on the stack:
+// a pointer stored there needs no write barrier, which while the collector
+// marks would cost a miss of its own.
+const warmGroup = 64
+
+// foundRecord is a record find found or made, with its edges if the index
+// knew them.
+type foundRecord struct {
+	u  *user
+	ed *edges
+}
+
+// find returns the records for keyOf(0..n-1), making those that do not
+// exist yet, in a slice valid until the next call. Call with sh locked; idx
+// is its index.
+func (r *restorer) find(sh *shard, idx *restoreIndex, n int, keyOf func(int) key) []foundRecord {
+	r.found = slices.Grow(r.found[:0], n)[:n]
+	for start := 0; start < n; start += warmGroup {
+		found := r.found[start:min(start+warmGroup, n)]
+		var keys [warmGroup]key
+		var slots [warmGroup]int32
+		sum := 0
+		for j := range found {
+			keys[j] = keyOf(start + j)
+			slots[j] = idx.slot(keys[j].hash)
 		}
-		for j, t := range found[:n] {
-			eds[j] = nil
-			if t != nil {
-				sum += len(t.id)
-				eds[j] = t.edges.Load()
+		for j := range found {
+			if i := slots[j]; i >= 0 {
+				if id := idx.slots[i].id; len(id) > 0 {
+					sum += int(id[0])
+				}
 			}
 		}
-		for j, t := range found[:n] {
-			if t != nil && len(t.id) > 0 {
-				sum += int(t.id[0])
-			}
-			if ed := eds[j]; ed != nil {
-				sum += len(ed.subscribers.list) + len(ed.friendOf.list)
+		for j := range found {
+			if i := slots[j]; i >= 0 && idx.slots[i].u != nil && idx.slots[i].u != forgotten && idx.slots[i].id == keys[j].id {
+				found[j] = foundRecord{idx.slots[i].u, idx.slots[i].ed}
+			} else {
+				u := getOrCreateIndexed(sh, idx, keys[j])
+				found[j] = foundRecord{u, u.edges.Load()}
 			}
 		}
-		group = group[n:]
+		r.warm += sum
 	}
-	r.warmed += sum
+	return r.found
+}
+
+// getOrCreateIndexed is sh.getOrCreateLocked, keeping idx, sh's index,
+// up to date.
+func getOrCreateIndexed(sh *shard, idx *restoreIndex, k key) *user {
+	u := sh.getOrCreateLocked(k)
+	if sh.users[k.hash] == u {
+		idx.put(u) // made now, or taking a forgotten record's slot
+	}
+	return u
+}
+
+// warmFound reads the records find found, and their edges: what restoreOwn
+// looks at first.
+func (r *restorer) warmFound(found []foundRecord) {
+	sum := 0
+	for _, f := range found {
+		sum += int(f.u.pins)
+		if f.u.devices != nil {
+			sum++
+		}
+		if f.u.edges.Load() != nil {
+			sum++
+		}
+		if f.ed != nil {
+			sum += f.ed.subs.len()
+		}
+	}
+	r.warm += sum
+}
+
+// warmReverse reads the reverse index each of links will be added to,
+// for the records find found: the set, then its free room.
+func (r *restorer) warmReverse(links []restoredLink, found []foundRecord) {
+	sum := 0
+	for j := range links {
+		if ed := found[j].ed; ed != nil {
+			set := &ed.subscribers
+			if links[j].friend {
+				set = &ed.friendOf
+			}
+			if l := set.list; len(l) < cap(l) && l[:len(l)+1][len(l)] != nil {
+				sum++
+			}
+		}
+	}
+	r.warm += sum
+}
+
+// restoreIndex finds a shard's records while a restore runs, in front of the
+// shard's map: an open-addressed table of hashes with each record's ID and
+// edges, so that finding a record and its edges is one cache miss for the
+// slot and one for the ID's bytes, where the map would take two that wait for
+// each other, then two for the record and one for the ID. It holds the
+// records that the map holds under their own hash (shard.users, never
+// shard.clash); a hash it does not hold, or holds for another ID, is looked
+// up in the map. Each is guarded by its shard's lock.
+type restoreIndex struct {
+	slots []indexSlot // a power of two long, at most half full
+	shift uint8       // 64 - log2(len(slots))
+	n     int         // slots in use
+}
+
+// indexRegionBits: groupByShard orders lookups by the top bits of their
+// hashes, which pick the region of the index they land in.
+const indexRegionBits = 4
+
+type indexSlot struct {
+	hash uint64
+	u    *user  // nil: empty; forgotten: the record was dropped
+	id   string // u.id
+	ed   *edges // u's edges, nil until known: they are made once, never replaced
+}
+
+// forgotten marks the slot of a record that was dropped: the slot keeps its
+// hash, so that the records after it stay reachable.
+var forgotten = new(user)
+
+// slot returns where hash is, or where it would go: the first slot holding
+// it, or the first empty one.
+func (x *restoreIndex) slot(hash uint64) int32 {
+	if len(x.slots) == 0 {
+		return -1
+	}
+	mask := uint64(len(x.slots) - 1)
+	// The shard was picked by the hash's low bits, which all its records
+	// share: the high ones spread them, and order them (see groupByShard).
+	for i := hash >> x.shift; ; i = (i + 1) & mask {
+		if s := &x.slots[i]; s.u == nil || s.hash == hash {
+			return int32(i)
+		}
+	}
+}
+
+// put indexes u, which holds its hash's place in the shard's map.
+func (x *restoreIndex) put(u *user) {
+	if 2*(x.n+1) > len(x.slots) {
+		old := x.slots
+		x.slots, x.n = make([]indexSlot, max(64, 2*len(old))), 0
+		x.shift = uint8(64 - bits.TrailingZeros(uint(len(x.slots))))
+		for _, s := range old {
+			if s.u != nil && s.u != forgotten {
+				x.slots[x.slot(s.hash)] = s
+				x.n++
+			}
+		}
+	}
+	i := x.slot(u.hash)
+	if x.slots[i].u == nil {
+		x.n++
+	}
+	x.slots[i] = indexSlot{hash: u.hash, u: u, id: u.id, ed: u.edges.Load()}
+}
+
+// noteEdges records that u, which may be indexed, now has edges ed.
+func (x *restoreIndex) noteEdges(u *user, ed *edges) {
+	if i := x.slot(u.hash); i >= 0 && x.slots[i].u == u {
+		x.slots[i].ed = ed
+	}
+}
+
+// forget marks u, which its shard no longer holds, as gone.
+func (x *restoreIndex) forget(u *user) {
+	if i := x.slot(u.hash); i >= 0 && x.slots[i].u == u {
+		x.slots[i] = indexSlot{hash: u.hash, u: forgotten}
+	}
 }
 
 // setCapacity is the room a restored reverse index starts with when the
@@ -681,7 +914,8 @@ func setCapacity(mean int) int {
 // linkOwners fills in each owner's own lists from its linked targets and
 // unpins it, a shard at a time.
 func (r *restorer) linkOwners() {
-	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, group []int32) {
+	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, _ *restoreIndex, _ int32, group []int32) {
+		r.warmOwners(group)
 		for _, i := range group {
 			o := &r.owners[i]
 			if o.u == nil {
@@ -711,4 +945,25 @@ func (r *restorer) linkOwners() {
 			r.e.scheduleLocked(o.u)
 		}
 	})
+}
+
+// warmOwners reads the records and edges of group's owners (see
+// warmGroup).
+func (r *restorer) warmOwners(group []int32) {
+	sum := 0
+	for start := 0; start < len(group); start += warmGroup {
+		items := group[start:min(start+warmGroup, len(group))]
+		var eds [warmGroup]*edges
+		for j, i := range items {
+			if u := r.owners[i].u; u != nil {
+				eds[j] = u.edges.Load()
+			}
+		}
+		for j := range items {
+			if ed := eds[j]; ed != nil {
+				sum += len(ed.subs.nodes) + len(ed.friends.list)
+			}
+		}
+	}
+	r.warm += sum
 }

@@ -52,7 +52,8 @@ type Options struct {
 	// ChunkBytes is the size of the chunks records are grouped into. 0 means 256 KiB.
 	ChunkBytes int
 	// TxBytes is how much a write transaction holds before it commits; it
-	// bounds the memory a Save uses. 0 means 32 MiB.
+	// bounds the memory a Save uses, about twice this (one transaction
+	// committing while the next fills). 0 means 32 MiB.
 	TxBytes int
 	// MmapBytes is the address space mapped for the file up front. bbolt
 	// copies every page a transaction has touched whenever it has to grow
@@ -164,6 +165,10 @@ func (s *Store) Close() error { return s.db.Close() }
 
 // Save writes a new snapshot from records and makes it current in its last
 // transaction. See presence.Store.
+//
+// Encoding and writing overlap: a second goroutine encodes the records into
+// chunks (see encode), while this one puts them into the file and
+// commits, which mostly waits for the disk.
 func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, error]) (err error) {
 	s.saveMu.Lock()
 	defer s.saveMu.Unlock()
@@ -182,19 +187,14 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 			tx.Rollback()
 		}
 	}()
+	enc := s.encode(records)
+	defer enc.stop() // runs first: the encoder is gone before anything else is undone
 	var (
 		seq     uint64
-		chunk   []byte
 		txBytes int
-		// Chunks are recycled once their transaction has committed (bbolt
-		// needs a value only until then): a large save then makes little
-		// garbage, and the collector leaves the engine's heap alone.
-		inTx, spare [][]byte
+		inTx    [][]byte // chunks that bbolt needs until the transaction commits
 	)
-	flush := func() error {
-		if len(chunk) == 0 {
-			return nil
-		}
+	put := func(chunk []byte) error {
 		b := tx.Bucket(name)
 		b.FillPercent = 1 // keys only ever grow: pack pages full
 		seq++
@@ -204,7 +204,6 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 		}
 		txBytes += len(chunk)
 		inTx = append(inTx, chunk)
-		chunk = nil
 		if txBytes < s.tx {
 			return nil
 		}
@@ -213,35 +212,26 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 			return err
 		}
 		txBytes = 0
-		spare, inTx = append(spare, inTx...), inTx[:0]
+		for _, c := range inTx {
+			enc.free <- c
+		}
+		inTx = inTx[:0]
 		tx, err = s.db.Begin(true)
 		return err
 	}
-	for batch, err := range records {
-		if err != nil {
-			return err
+	for chunk := range enc.chunks {
+		if err := put(chunk); err != nil {
+			return fmt.Errorf("persist: save to %s: %w", s.path, err)
 		}
-		for i := range batch {
-			if len(chunk) == 0 { // room for the checksum, filled in by flush
-				if n := len(spare); n > 0 {
-					chunk, spare = spare[n-1][:crcBytes], spare[:n-1]
-				} else {
-					chunk = make([]byte, crcBytes, s.chunk+s.chunk/4)
-				}
-			}
-			chunk = appendRecord(chunk, &batch[i])
-			if len(chunk) >= s.chunk {
-				if err := flush(); err != nil {
-					return fmt.Errorf("persist: save to %s: %w", s.path, err)
-				}
-			}
-		}
+	}
+	if enc.panicked != nil {
+		panic(enc.panicked)
+	}
+	if enc.err != nil {
+		return enc.err
 	}
 	if err := ctx.Err(); err != nil {
 		return err
-	}
-	if err := flush(); err != nil {
-		return fmt.Errorf("persist: save to %s: %w", s.path, err)
 	}
 	// The switch: the new snapshot becomes current, the old one goes.
 	meta := tx.Bucket(metaBucket)
@@ -259,6 +249,132 @@ func (s *Store) Save(ctx context.Context, records iter.Seq2[[]presence.Record, e
 		return fmt.Errorf("persist: save to %s: %w", s.path, err)
 	}
 	return nil
+}
+
+// chunkEncoder is the goroutine that encodes a Save's records into chunks.
+type chunkEncoder struct {
+	chunks chan []byte // encoded chunks in order, the checksum's room left at the front; closed at the end
+	free   chan []byte // chunks whose transaction has committed, to be refilled
+	quit   chan struct{}
+	done   chan struct{} // closed once the goroutine has returned
+
+	// Valid once chunks is closed.
+	err      error // the records' error: the state is incomplete
+	panicked any   // re-raised by Save, so that recoverInto reports it as before
+}
+
+// encode starts the goroutine that encodes records into chunks for Save.
+//
+// Chunks are recycled once their transaction has committed (bbolt needs a
+// value only until then): a large save then makes little garbage, and the
+// collector leaves the engine's heap alone. At most two transactions' worth
+// of chunks exist, so the encoder can fill the next transaction while the
+// last one is committed.
+func (s *Store) encode(records iter.Seq2[[]presence.Record, error]) *chunkEncoder {
+	limit := 2 * (s.tx/s.chunk + 1)
+	enc := &chunkEncoder{
+		chunks: make(chan []byte, limit),
+		free:   make(chan []byte, limit),
+		quit:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	go func() {
+		defer close(enc.done)
+		defer close(enc.chunks)
+		defer func() { enc.panicked = recover() }()
+		made := 0
+		var chunk []byte
+		var warm stringWarmer
+		for batch, err := range records {
+			if err != nil {
+				enc.err = err
+				return
+			}
+			select {
+			case <-enc.quit: // Save failed: stop the engine's copying too
+				return
+			default:
+			}
+			for i := range batch {
+				if i%warmRecords == 0 {
+					warm.warm(batch[i:min(i+warmRecords, len(batch))])
+				}
+				if chunk == nil {
+					switch {
+					case len(enc.free) > 0 || made == limit:
+						select {
+						case chunk = <-enc.free:
+						case <-enc.quit:
+							return
+						}
+					default:
+						chunk = make([]byte, 0, s.chunk+s.chunk/4)
+						made++
+					}
+					chunk = chunk[:crcBytes] // room for the checksum, filled in by Save
+				}
+				chunk = appendRecord(chunk, &batch[i])
+				if len(chunk) >= s.chunk {
+					select {
+					case enc.chunks <- chunk:
+						chunk = nil
+					case <-enc.quit:
+						return
+					}
+				}
+			}
+		}
+		if chunk != nil {
+			select {
+			case enc.chunks <- chunk:
+			case <-enc.quit:
+			}
+		}
+	}()
+	return enc
+}
+
+// warmRecords is how many records stringWarmer reads ahead of the encoding:
+// their strings fit in the CPU's first-level cache.
+const warmRecords = 32
+
+// stringWarmer reads the first byte of every string in some records before
+// they are encoded. The engine's strings lie all over its heap, so encoding
+// record by record would wait for one cache miss after another; read in a
+// tight loop that does not wait for them, the misses overlap, and the
+// encoding finds the strings cached.
+type stringWarmer struct {
+	sum int // what is read, so that the reads are not optimized away
+}
+
+func (w *stringWarmer) warm(records []presence.Record) {
+	sum := 0
+	first := func(s string) int {
+		if len(s) == 0 {
+			return 0
+		}
+		return int(s[0])
+	}
+	for i := range records {
+		r := &records[i]
+		sum += first(r.UserID) + first(r.Custom)
+		for _, d := range r.Devices {
+			sum += first(d.DeviceID)
+		}
+		for _, id := range r.Subscriptions {
+			sum += first(id)
+		}
+		for _, id := range r.Friends {
+			sum += first(id)
+		}
+	}
+	w.sum += sum
+}
+
+// stop ends the encoder, if it still runs, and waits for it.
+func (enc *chunkEncoder) stop() {
+	close(enc.quit)
+	<-enc.done
 }
 
 // begin writes the format version, removes snapshots a crash left half
@@ -302,12 +418,12 @@ func (s *Store) begin() (name []byte, err error) {
 	return name, nil
 }
 
-// Load streams the current snapshot to add, a chunk's records at a time.
-// The strings in a chunk's records are slices of one string holding the
-// whole chunk: keeping any of them keeps the chunk in memory. See
-// presence.Store.
+// Load streams the current snapshot to add, the records of a few chunks at
+// a time (see loadRecords). The strings in a chunk's records are slices of
+// one string holding the whole chunk: keeping any of them keeps the chunk in
+// memory. See presence.Store.
 //
-// Reading and decoding a chunk overlap with adding the one before: this
+// Reading and decoding chunks overlap with adding the batch before: this
 // goroutine reads, checks and decodes the chunks, and a second one calls
 // add, for one batch at a time and in order. Two batches take turns.
 func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (err error) {
@@ -342,11 +458,13 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 				if loadErr = ctx.Err(); loadErr != nil {
 					return
 				}
-				if loadErr = batch.err; loadErr != nil {
-					return
+				if len(batch.records) > 0 {
+					if err := add(batch.records); err != nil {
+						loadErr = fmt.Errorf("persist: %s: %w", s.path, err)
+						return
+					}
 				}
-				if err := add(batch.records); err != nil {
-					loadErr = fmt.Errorf("persist: %s: %w", s.path, err)
+				if loadErr = batch.err; loadErr != nil {
 					return
 				}
 				free <- batch.records
@@ -358,22 +476,30 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 		func() {
 			defer close(decoded)
 			c := b.Cursor()
-			for k, v := c.First(); k != nil; k, v = c.Next() {
+			k, v := c.First()
+			for k != nil {
 				var batch loadedBatch
 				select {
 				case batch.records = <-free:
 				case <-added: // adding stopped: add failed, or ctx ended
 					return
 				}
-				switch {
-				case ctx.Err() != nil:
-					batch.err = ctx.Err()
-				case len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(v[crcBytes:], castagnoli):
-					batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
-				default:
-					batch.records, batch.err = decodeChunk(v[crcBytes:], batch.records)
+				batch.records = batch.records[:0]
+				for ; k != nil && len(batch.records) < loadRecords && batch.err == nil; k, v = c.Next() {
+					whole := len(batch.records) // records of the chunks before this one
+					switch {
+					case ctx.Err() != nil:
+						batch.err = ctx.Err()
+					case len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(v[crcBytes:], castagnoli):
+						batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
+					default:
+						batch.records, batch.err = decodeChunk(v[crcBytes:], batch.records)
+						if batch.err != nil {
+							batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, batch.err)
+						}
+					}
 					if batch.err != nil {
-						batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, batch.err)
+						batch.records = batch.records[:whole] // a chunk's records are added whole or not at all
 					}
 				}
 				select {
@@ -394,26 +520,32 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 	})
 }
 
-// loadedBatch is a chunk's records, or the error that ends the loading,
-// passed in order to the goroutine that adds them.
+// loadedBatch is the records of a run of chunks, then possibly the error
+// that ends the loading, passed in order to the goroutine that adds them.
 type loadedBatch struct {
 	records []presence.Record
 	err     error
 }
 
-// decodeChunk decodes a chunk's records into batch, reusing its records'
-// slices. It copies the chunk out of the file's mapping, valid only as long
+// loadRecords is about how many records Load hands to add at a time: a
+// batch takes whole chunks until it holds that many. The engine restores a
+// batch in passes grouped by shard, which find more work to overlap in a
+// bigger batch.
+const loadRecords = 8192
+
+// decodeChunk decodes a chunk's records and appends them to batch, reusing
+// the slices of records decoded before into batch's spare room. It copies the chunk out of the file's mapping, valid only as long
 // as the transaction, into one string that the records' strings share.
 func decodeChunk(chunk []byte, batch []presence.Record) ([]presence.Record, error) {
 	d := decoder{s: string(chunk)}
+	n := len(batch)
 	batch = batch[:cap(batch)] // every record decoded before, with its slices
-	n := 0
 	for ; len(d.s) > 0; n++ {
 		if n == len(batch) {
 			batch = append(batch, presence.Record{})
 		}
 		if err := d.record(&batch[n]); err != nil {
-			return batch, err
+			return batch[:n], err
 		}
 	}
 	return batch[:n], nil
