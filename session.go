@@ -34,7 +34,7 @@ type Session struct {
 	reason atomic.Uint32 // Reason the session ended, set before Done is closed
 	lost   atomic.Uint64
 
-	mu     sync.Mutex          // protects box, closed, and the making of done
+	mu     sync.Mutex          // protects box, closed, own, and the making of done
 	box    fifo[string, Event] // pending events keyed by the user they are about, oldest first
 	closed bool                // Done's channel is closed, or is to start closed when made
 	own    uint64              // version of the latest event about the session's own user taken in
