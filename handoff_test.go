@@ -8,10 +8,37 @@ import (
 // A change of a user whose previous change is still being delivered is
 // handed to the goroutine delivering: neither the user's next change nor
 // the other users of its shard wait for that delivery. Without the hand-off
-// the second SetSelfStatus below would wait for the first delivery while
-// holding the shard lock, and the test would hang.
+// the second SetSelfStatus in checkHandOff would wait for the first
+// delivery while holding the shard lock, and the test would hang.
 func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
-	e, err := New(Config{StatusQuery: true, Shards: 1, ChangeFeedSize: 16})
+	checkHandOff(t, Config{StatusQuery: true}, func(e *Engine) error {
+		_, err := e.SubscribeUserStatus("watcher", []string{"hot"})
+		return err
+	})
+}
+
+// A user watched only by a friend (NotifyFriends on) is watched all the
+// same: its changes take the delivery lock and the hand-off queue, so the
+// friend gets them, in order, and a friend's reader holding its mailbox
+// holds up neither the user's next change nor the other users of its
+// shard. Were friends left out of watchedLocked, the friend would get
+// nothing; without the hand-off the test would hang.
+func TestChangeSeenOnlyByFriendDoesNotHoldTheShard(t *testing.T) {
+	checkHandOff(t, Config{NotifyFriends: true}, func(e *Engine) error {
+		return e.AddFriends("watcher", "hot")
+	})
+}
+
+// checkHandOff makes "watcher" watch "hot" through watch, on one shard with
+// the change feed on, holds the watcher's mailbox so that the delivery of
+// hot's first change stops there, and checks that hot's next change and
+// another user's calls on the shard go through meanwhile; then that the
+// watcher ends with hot's latest state and the feed has hot's records in
+// the order they were applied.
+func checkHandOff(t *testing.T, cfg Config, watch func(*Engine) error) {
+	t.Helper()
+	cfg.Shards, cfg.ChangeFeedSize = 1, 16
+	e, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -23,7 +50,7 @@ func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.SubscribeUserStatus("watcher", []string{"hot"}); err != nil {
+	if err := watch(e); err != nil {
 		t.Fatal(err)
 	}
 	w.Drain(nil)
@@ -31,18 +58,10 @@ func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
 		<-e.feed
 	}
 
-	// Hold the watcher's mailbox: the delivery of hot's first change stops
-	// there, holding hot's delivery lock, until the test lets go.
 	w.mu.Lock()
 	first := make(chan error)
 	go func() { first <- e.SetSelfStatus("hot", "one") }()
-	sh, k := e.locate("hot")
-	for applied := false; !applied; {
-		runtime.Gosched()
-		sh.mu.Lock()
-		applied = sh.getLocked(k).custom == "one" // applied, so its delivery has begun
-		sh.mu.Unlock()
-	}
+	waitApplied(e, "hot", "one") // so its delivery has begun
 
 	if err := e.SetSelfStatus("hot", "two"); err != nil {
 		t.Fatal(err)
@@ -58,8 +77,6 @@ func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The first delivery went on to deliver the second: the watcher holds
-	// hot's latest state, and the feed has hot's records in order.
 	got := w.Drain(nil)
 	if len(got) != 1 || got[0].UserID != "hot" || got[0].Custom != "two" {
 		t.Fatalf("watcher drained %+v, want hot's latest change (custom two)", got)
@@ -82,74 +99,15 @@ func TestChangeDuringLongDeliveryDoesNotHoldTheShard(t *testing.T) {
 	}
 }
 
-// A user watched only by a friend (NotifyFriends on) is watched all the
-// same: its changes take the delivery lock and the hand-off queue, so the
-// friend gets them, in order, and a friend's reader holding its mailbox
-// holds up neither the user's next change nor the other users of its
-// shard. Were friends left out of watchedLocked, the friend would get
-// nothing; without the hand-off the test would hang.
-func TestChangeSeenOnlyByFriendDoesNotHoldTheShard(t *testing.T) {
-	e, err := New(Config{NotifyFriends: true, Shards: 1, ChangeFeedSize: 16})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	if _, err := e.Login("hot", "phone"); err != nil {
-		t.Fatal(err)
-	}
-	f, err := e.Login("friend", "phone")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := e.AddFriends("friend", "hot"); err != nil {
-		t.Fatal(err)
-	}
-	f.Drain(nil)
-	for len(e.feed) > 0 {
-		<-e.feed
-	}
-
-	// Hold the friend's mailbox: the delivery of hot's first change stops
-	// there until the test lets go.
-	f.mu.Lock()
-	first := make(chan error)
-	go func() { first <- e.SetSelfStatus("hot", "one") }()
-	sh, k := e.locate("hot")
+// waitApplied returns once user id shows custom, that is once a
+// SetSelfStatus running in another goroutine has been applied.
+func waitApplied(e *Engine, id, custom string) {
+	sh, k := e.locate(id)
 	for applied := false; !applied; {
 		runtime.Gosched()
 		sh.mu.Lock()
-		applied = sh.getLocked(k).custom == "one" // applied, so its delivery has begun
+		applied = sh.getLocked(k).custom == custom
 		sh.mu.Unlock()
-	}
-
-	if err := e.SetSelfStatus("hot", "two"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.Login("other", "phone"); err != nil {
-		t.Fatal(err)
-	}
-	f.mu.Unlock()
-	if err := <-first; err != nil {
-		t.Fatal(err)
-	}
-
-	// The friend holds hot's latest state, and the feed has hot's records
-	// in the order they were applied.
-	got := f.Drain(nil)
-	if len(got) != 1 || got[0].UserID != "hot" || got[0].Custom != "two" {
-		t.Fatalf("friend drained %+v, want hot's latest change (custom two)", got)
-	}
-	var customs []string
-	for len(e.feed) > 0 {
-		if c := <-e.feed; c.UserID == "hot" {
-			customs = append(customs, c.Custom)
-		}
-	}
-	if len(customs) != 2 || customs[0] != "one" || customs[1] != "two" {
-		t.Fatalf("hot's feed records carry %q, want [one two]", customs)
-	}
-	if err := e.checkInvariants(); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -210,13 +168,7 @@ func TestOwnEventToSessionEndedMeanwhileIsNotCounted(t *testing.T) {
 	s.mu.Lock()
 	done := make(chan error)
 	go func() { done <- e.SetSelfStatus("u", "busy") }()
-	sh, k := e.locate("u")
-	for applied := false; !applied; {
-		runtime.Gosched()
-		sh.mu.Lock()
-		applied = sh.getLocked(k).custom == "busy"
-		sh.mu.Unlock()
-	}
+	waitApplied(e, "u", "busy")
 	s.ended.Store(true)
 	s.mu.Unlock()
 	if err := <-done; err != nil {
