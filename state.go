@@ -503,7 +503,8 @@ func (e *Engine) finish(sh *shard, c *change) {
 	if c.nEnded != 0 {
 		e.ending.Add(1) // under the shard lock, so before Close's sweep of it
 	}
-	if e.feed == nil && !e.watchedLocked(u) {
+	watched := e.watchedLocked(u)
+	if e.feed == nil && !watched {
 		// No delivery of u to its watchers can be under way: the last
 		// watcher went under u's delivery lock, so after every delivery
 		// to it had ended.
@@ -552,7 +553,7 @@ func (e *Engine) finish(sh *shard, c *change) {
 		// No queue: any delivery under way is short (an edge change's, or
 		// one that reaches only u's own sessions).
 		u.fanMu.Lock()
-		if e.watchedLocked(u) {
+		if watched { // the watchers cannot change while the shard lock is held
 			u.edges.Load().fanQ = &fanQueue{}
 		}
 	}
