@@ -225,19 +225,12 @@ func (s *Session) markEnded(why Reason) {
 // Config.HeartbeatTimeout into the future. It returns ErrSessionEnded once
 // the session has ended: the host then logs the device in again.
 func (s *Session) Heartbeat() error {
-	const op = "Session.Heartbeat"
-	e := s.e
-	if e.closed.Load() {
-		return closedError(op)
+	sh, err := s.lockLive("Session.Heartbeat")
+	if err != nil {
+		return err
 	}
-	sh := e.shardOf(s.u)
-	sh.mu.Lock()
-	now := e.now() // under the lock: a device's times and its user's changes never go back
-	defer sh.mu.Unlock()
-	if s.dev.session != s {
-		return s.endedError(op)
-	}
-	s.dev.lastSeen = now.UnixNano()
+	s.dev.lastSeen = s.e.now().UnixNano() // under the lock: a device's times never go back
+	sh.mu.Unlock()
 	return nil
 }
 
@@ -247,19 +240,12 @@ func (s *Session) Heartbeat() error {
 // online, the user becomes Offline (ReasonLinkClose), after
 // Config.DisconnectGrace if one is set.
 func (s *Session) Disconnect() error {
-	const op = "Session.Disconnect"
-	e := s.e
-	if e.closed.Load() {
-		return closedError(op)
+	sh, err := s.lockLive("Session.Disconnect")
+	if err != nil {
+		return err
 	}
-	sh := e.shardOf(s.u)
-	sh.mu.Lock()
+	e, u, d := s.e, s.u, s.dev
 	now := e.now() // under the lock: a device's times and its user's changes never go back
-	if s.dev.session != s {
-		sh.mu.Unlock()
-		return s.endedError(op)
-	}
-	u, d := s.u, s.dev
 	c := beginChange(u)
 	c.endSession(sh, d, ReasonLinkClose)
 	d.lastSeen = now.UnixNano()
@@ -280,19 +266,28 @@ func (s *Session) Disconnect() error {
 
 // Logout logs the session's device out (ReasonLogout) and ends the session.
 func (s *Session) Logout() error {
-	const op = "Session.Logout"
-	e := s.e
-	if e.closed.Load() {
-		return closedError(op)
+	sh, err := s.lockLive("Session.Logout")
+	if err != nil {
+		return err
 	}
-	sh := e.shardOf(s.u)
+	s.e.logoutLocked(sh, s.u, s.dev, s.e.now())
+	return nil
+}
+
+// lockLive takes the lock of the session's shard for op and returns the
+// shard, still locked, if the session is live; otherwise it returns op's
+// error (ErrClosed, or ErrSessionEnded) with no lock held.
+func (s *Session) lockLive(op string) (*shard, error) {
+	if s.e.closed.Load() {
+		return nil, closedError(op)
+	}
+	sh := s.e.shardOf(s.u)
 	sh.mu.Lock()
 	if s.dev.session != s {
 		sh.mu.Unlock()
-		return s.endedError(op)
+		return nil, s.endedError(op)
 	}
-	e.logoutLocked(sh, s.u, s.dev, e.now())
-	return nil
+	return sh, nil
 }
 
 func (s *Session) endedError(op string) error {
