@@ -866,10 +866,11 @@ func (e *Engine) Stats() Stats {
 }
 
 // printableASCII reports whether s is all ASCII without control characters.
-// Every call checks its IDs with it, so it looks at eight bytes at a time:
-// with the top bit of each byte clear, adding 0x60 sets that bit exactly
-// for the bytes from 0x20 up, and adding 0x01 exactly for 0x7f (DEL),
-// without a carry into the next byte either way.
+// Every call checks its IDs with it, so it looks at eight bytes at a time,
+// the last eight overlapping the word before when the length is not a
+// multiple of eight: with the top bit of each byte clear, adding 0x60 sets
+// that bit exactly for the bytes from 0x20 up, and adding 0x01 exactly for
+// 0x7f (DEL), without a carry into the next byte either way.
 func printableASCII(s string) bool {
 	const (
 		top   = 0x8080808080808080
@@ -877,20 +878,28 @@ func printableASCII(s string) bool {
 		one   = 0x0101010101010101
 		width = 8
 	)
-	i := 0
-	for ; i+width <= len(s); i += width {
+	n := len(s)
+	if n < width {
+		for i := range n {
+			if c := s[i]; c < 0x20 || c >= 0x7f {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; ; i += width {
+		if i > n-width {
+			i = n - width // the last word
+		}
 		w := uint64(s[i]) | uint64(s[i+1])<<8 | uint64(s[i+2])<<16 | uint64(s[i+3])<<24 |
 			uint64(s[i+4])<<32 | uint64(s[i+5])<<40 | uint64(s[i+6])<<48 | uint64(s[i+7])<<56
 		if w&top != 0 || (w+upTo)&top != top || (w+one)&top != 0 {
 			return false
 		}
-	}
-	for ; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c >= 0x7f {
-			return false
+		if i == n-width {
+			return true
 		}
 	}
-	return true
 }
 
 // cloneString copies s so a record never keeps a caller's larger buffer alive.
