@@ -775,19 +775,16 @@ func (e *Engine) getUserStatus(op string, dst []UserStatus, callerID string, use
 	n := len(dst)
 	dst = slices.Grow(dst, len(userIDs))[:n+len(userIDs)]
 	out := dst[n:]
-	for i, id := range userIDs {
-		sh, k := e.locate(id)
-		sh.mu.Lock()
-		if u := sh.getLocked(k); u != nil {
-			u.viewInto(&out[i])
-			if id == callerID {
-				out[i].Devices = u.onlineDevices()
-			}
-		} else {
-			out[i] = UserStatus{UserID: id, Status: Unlogined}
+	e.lookup(userIDs, func(i int, u *user) {
+		if u == nil {
+			out[i] = UserStatus{UserID: userIDs[i], Status: Unlogined}
+			return
 		}
-		sh.mu.Unlock()
-	}
+		u.viewInto(&out[i])
+		if userIDs[i] == callerID {
+			out[i].Devices = u.onlineDevices()
+		}
+	})
 	return dst, nil
 }
 
@@ -811,19 +808,12 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 		return nil
 	}
 	out := make([]OnlineStatus, len(userIDs))
-	for i, id := range userIDs {
-		out[i].UserID = id
-		if e.checkID("", "", id) != nil {
-			continue // Status Unknown
-		}
-		sh, k := e.locate(id)
-		sh.mu.Lock()
-		u := sh.getLocked(k)
+	e.lookup(userIDs, func(i int, u *user) {
 		if u == nil {
-			out[i].Status = Unlogined
-			sh.mu.Unlock()
-			continue
+			out[i] = OnlineStatus{UserStatus: UserStatus{UserID: userIDs[i], Status: Unlogined}}
+			return
 		}
+		out[i] = OnlineStatus{}
 		u.viewInto(&out[i].UserStatus)
 		out[i].Devices = u.onlineDevices()
 		for d := range u.eachDevice {
@@ -834,7 +824,13 @@ func (e *Engine) QueryOnlineStatus(userIDs []string) []OnlineStatus {
 				LastSeen:  time.Unix(0, d.lastSeen),
 			})
 		}
-		sh.mu.Unlock()
+	})
+	// An invalid ID reads as Unknown whatever the lookup found. It is
+	// checked afterwards so that no message is formatted under a lock.
+	for i, id := range userIDs {
+		if e.checkID("", "", id) != nil {
+			out[i] = OnlineStatus{UserStatus: UserStatus{UserID: id}} // Status Unknown
+		}
 	}
 	return out
 }
