@@ -94,8 +94,11 @@ type bmRecord struct {
 	version uint64
 }
 
-func newMapFloor() *bmMapFloor {
-	f := &bmMapFloor{seed: maphash.MakeSeed(), keys: bmIDs(bmKeys)}
+func newMapFloor() *bmMapFloor { return newMapFloorOf(bmKeys) }
+
+// newMapFloorOf is a map floor holding n keys.
+func newMapFloorOf(n int) *bmMapFloor {
+	f := &bmMapFloor{seed: maphash.MakeSeed(), keys: bmIDs(n)}
 	for i := range f.shards {
 		f.shards[i].m = make(map[string]*bmRecord)
 	}
@@ -107,8 +110,10 @@ func newMapFloor() *bmMapFloor {
 
 // update is one op of the floor: the i-th key of the cycle gets the text of
 // the engine benchmark's i-th call.
-func (f *bmMapFloor) update(i int) {
-	k := f.keys[i&(bmKeys-1)]
+func (f *bmMapFloor) update(i int) { f.set(f.keys[i&(bmKeys-1)], i) }
+
+// set is update's op on key k.
+func (f *bmMapFloor) set(k string, i int) {
 	sh := &f.shards[maphash.String(f.seed, k)&255]
 	sh.mu.Lock()
 	r := sh.m[k]
@@ -157,6 +162,30 @@ func BenchmarkFloorMapUpdate(b *testing.B) {
 		f.update(i)
 		i++
 	}
+}
+
+// BenchmarkFloorMapUpdateParallel is the map floor called from every core
+// at once, each goroutine on keys of its own, as in
+// BenchmarkSetSelfStatusParallel. Its x-1cpu line (-cpu 1,2) is what this
+// machine gives any store whose shard locks every core takes: each op
+// pulls a lock's cache line from the core that took it last, so when that
+// transfer costs as much as the op itself, a second core adds little. It is
+// the ceiling to read the engine's scaling row against.
+func BenchmarkFloorMapUpdateParallel(b *testing.B) {
+	f := newMapFloorOf(64 * bmKeys)
+	var next atomic.Int32
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		g := int(next.Add(1)-1) % 64
+		mine := f.keys[g*bmKeys : (g+1)*bmKeys]
+		i := 0
+		for pb.Next() {
+			f.set(mine[i&(bmKeys-1)], i)
+			i++
+		}
+	})
+	bmReportScaling(b, "FloorMapUpdateParallel")
 }
 
 func BenchmarkFloorChanSend(b *testing.B) {
