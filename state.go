@@ -312,9 +312,16 @@ func (sh *shard) getOrCreateLocked(k key) *user {
 	if u := sh.getLocked(k); u != nil {
 		return u
 	}
+	return sh.createLocked(k, new(user))
+}
+
+// createLocked makes u, a zero record, the record for k, which the shard
+// does not hold, and returns it. (A restore passes records carved from
+// blocks of them.)
+func (sh *shard) createLocked(k key, u *user) *user {
 	// Clone: the caller's string may be a slice of a larger buffer, and the
 	// record's copy is the one every index points at.
-	u := &user{id: cloneString(k.id), hash: k.hash, status: Unlogined, version: sh.version}
+	u.id, u.hash, u.status, u.version = cloneString(k.id), k.hash, Unlogined, sh.version
 	if sh.users[k.hash] == nil {
 		sh.users[k.hash] = u
 	} else {
