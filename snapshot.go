@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -320,45 +321,29 @@ func (e *Engine) snapshotLoop() {
 // restore loads the Store's state into the empty engine before New returns.
 // Devices that were online come back offline-pending: they keep their user's
 // status and custom text until Config.HeartbeatTimeout passes without a new
-// login, so a quick restart is invisible to watchers. Each batch is split
-// between one goroutine per CPU; they have all returned before the next
-// batch.
+// login, so a quick restart is invisible to watchers.
 func (e *Engine) restore(ctx context.Context) error {
-	now := e.now()
-	workers := make([]restorer, runtime.GOMAXPROCS(0))
-	index := make([]restoreIndex, len(e.shards)) // dropped when the restore ends
-	for w := range workers {
-		workers[w] = restorer{e: e, now: now, index: index, firstShard: len(e.shards) * w / len(workers)}
+	n := runtime.GOMAXPROCS(0)
+	rs := &restoring{
+		e:       e,
+		now:     e.now(),
+		index:   make([]restoreIndex, len(e.shards)), // dropped when the restore ends
+		shares:  make([]share, n),
+		workers: make([]restorer, n),
 	}
-	// An error stays: a goroutine that failed restores nothing more, and
-	// a Store that dropped add's error must not leave a half-restored
-	// engine behind.
-	errs := make([]error, len(workers))
-	err := e.cfg.Store.Load(ctx, func(batch []Record) error {
-		var wg sync.WaitGroup
-		for w := range workers {
-			if errs[w] != nil {
-				continue
-			}
-			share := batch[len(batch)*w/len(workers) : len(batch)*(w+1)/len(workers)]
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				errs[w] = workers[w].restore(share)
-			}()
-		}
-		wg.Wait()
-		return errors.Join(errs...)
-	})
+	for w := range rs.workers {
+		rs.workers[w].rs = rs
+	}
+	err := e.cfg.Store.Load(ctx, rs.add)
 	if err == nil {
-		err = errors.Join(errs...)
+		err = rs.err // a Store that dropped add's error must not leave a half-restored engine behind
 	}
 	if err != nil {
 		return err
 	}
 	var top uint64
-	for w := range workers {
-		top = max(top, workers[w].top)
+	for w := range rs.workers {
+		top = max(top, rs.workers[w].top)
 	}
 	for i := range e.shards {
 		sh := &e.shards[i]
@@ -369,18 +354,13 @@ func (e *Engine) restore(ctx context.Context) error {
 	return nil
 }
 
-var errRecord = errors.New("invalid record")
-
-// maxStoredID bounds the IDs a restore accepts, whatever Config.MaxIDBytes
-// is now: anything longer is damage, not a limit that was lowered.
-const maxStoredID = 1 << 16
-
-// restorer restores one goroutine's share of each batch. The engine is not
-// shared yet, but the locks are taken as usual so the helpers' rules hold.
+// restoring is a restore under way, shared by its goroutines, one per CPU.
+// The engine is not shared yet, but the locks are taken as usual so the
+// helpers' rules hold.
 //
 // At a million users the records are far bigger than the caches, and
 // finding a record is a chain of cache misses. Taken record by record, those
-// chains run one after another. A share is therefore restored in passes,
+// chains run one after another. A batch is therefore restored in passes,
 // each over many records grouped by shard: each shard is locked once per
 // group (a lock is a fence, which would keep the CPU from overlapping one
 // lookup's misses with the next's), records are found through the shard's
@@ -390,13 +370,115 @@ const maxStoredID = 1 << 16
 // records and restore what they hold themselves; link every edge into its
 // target's reverse index; fill in the records' own lists, whose sizes are
 // known by then. The buffers are kept from batch to batch.
-type restorer struct {
-	e          *Engine
-	now        time.Time
-	index      []restoreIndex // one per shard, shared by the goroutines: see restoreIndex
-	firstShard int            // where a pass over the shards starts, so goroutines seldom want one shard at once
-	top        uint64         // highest version restored so far
+//
+// The first pass splits the batch into one share per goroutine. The others
+// go shard by shard: each goroutine takes the next shard no one has taken
+// and does the pass's work there for every share, in batch order. So no
+// goroutine waits for a shard another one holds, nor, at the end of a pass,
+// for one held up by the Store's decoding or by the collector; and each
+// shard sees its records in the order restoring them one by one would.
+type restoring struct {
+	e       *Engine
+	now     time.Time
+	index   []restoreIndex // one per shard: see restoreIndex
+	shares  []share        // of the batch, one per goroutine
+	workers []restorer     // one per goroutine
+	next    atomic.Int32   // the next shard to take in a pass (see eachShard)
+	err     error          // the first invalid record's: the restore has failed
 
+	// Records and edges seen so far: their ratio predicts how many
+	// subscribers (friendOf) a target will have, so its set is made that
+	// big at once rather than grown step by step.
+	records, subs, friends int
+}
+
+// add restores a batch. If a record in it is invalid, it returns the error
+// of the first, the one restoring the records one by one would have met,
+// and so does every later call: New then discards the engine.
+func (rs *restoring) add(batch []Record) error {
+	if rs.err != nil {
+		return rs.err
+	}
+	rs.parallel(func(w int) {
+		n := len(rs.shares)
+		rs.shares[w].queue(rs.e, batch, len(batch)*w/n, len(batch)*(w+1)/n)
+	})
+	failed := len(batch) // the first invalid record
+	for w := range rs.shares {
+		if s := &rs.shares[w]; s.err != nil && s.failed < failed {
+			failed, rs.err = s.failed, s.err
+		}
+	}
+	rs.eachShard(func(r *restorer, s int) { r.restoreOwners(batch, s) })
+	for w := range rs.workers {
+		if r := &rs.workers[w]; r.err != nil && r.failed < failed {
+			failed, rs.err = r.failed, r.err
+		}
+	}
+	if rs.err != nil {
+		return rs.err
+	}
+	rs.records += len(batch)
+	for w := range rs.shares {
+		rs.subs += rs.shares[w].subs
+		rs.friends += rs.shares[w].friends
+	}
+	rs.eachShard((*restorer).linkTargets)
+	rs.eachShard((*restorer).linkOwners)
+	return nil
+}
+
+// parallel calls fn(w) for every goroutine w of the restore, each in a
+// goroutine of its own, and returns once all have returned.
+func (rs *restoring) parallel(fn func(w int)) {
+	var wg sync.WaitGroup
+	for w := range rs.workers {
+		wg.Go(func() { fn(w) })
+	}
+	wg.Wait()
+}
+
+// eachShard calls fn once for every shard s, with the shard locked, from
+// whichever goroutine takes s first.
+func (rs *restoring) eachShard(fn func(r *restorer, s int)) {
+	rs.next.Store(0)
+	rs.parallel(func(w int) {
+		for {
+			s := int(rs.next.Add(1) - 1)
+			if s >= len(rs.e.shards) {
+				return
+			}
+			sh := &rs.e.shards[s]
+			sh.mu.Lock()
+			fn(&rs.workers[w], s)
+			sh.mu.Unlock()
+		}
+	})
+}
+
+// linkedBefore reports whether a record before o in the batch has an edge
+// to o's user. o is share w's. Call with the user's shard locked.
+func (rs *restoring) linkedBefore(w int, o *restoredOwner) bool {
+	s := int(o.key.hash & rs.e.mask)
+	for v := range rs.shares[:w+1] {
+		sr := &rs.shares[v]
+		for _, l := range sr.linkGroup(s) {
+			if l.target == o.key && (v < w || int(l.at) < o.firstLink) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+var errRecord = errors.New("invalid record")
+
+// maxStoredID bounds the IDs a restore accepts, whatever Config.MaxIDBytes
+// is now: anything longer is damage, not a limit that was lowered.
+const maxStoredID = 1 << 16
+
+// share is the part of a batch one goroutine checks and queues.
+type share struct {
 	owners  []restoredOwner // the share's valid records
 	links   []restoredLink  // their edges, each record's subscriptions then friends
 	targets []*user         // the record each link leads to, once linked
@@ -404,16 +486,89 @@ type restorer struct {
 	hashes  []uint64        // scratch for check
 	seen    map[string]bool // scratch for checkExactly
 
+	subs, friends int // edges queued
+
 	// Records grouped by shard: ownerOrder lists owners' indexes shard by
-	// shard, ownerEnds[s] is where shard s's group ends; the same for links.
+	// shard (see groupByShard); grouped holds the links in linkOrder.
 	ownerOrder, ownerEnds []int32
 	linkOrder, linkEnds   []int32
-	grouped               []restoredLink // the links in linkOrder
+	grouped               []restoredLink
 
-	// Records and edges seen so far: their ratio predicts how many
-	// subscribers (friendOf) a target will have, so its set is made that
-	// big at once rather than grown step by step.
-	records, subs, friends int
+	// The share's first invalid record, if any: its index in the batch,
+	// and what is wrong with it. The records after it are not queued.
+	failed int
+	err    error
+}
+
+// ownerGroup returns the indexes in s.owners of shard i's owners, in
+// batch order.
+func (s *share) ownerGroup(i int) []int32 {
+	begin, end := groupBounds(s.ownerEnds, i)
+	return s.ownerOrder[begin:end]
+}
+
+// linkGroup returns the part of s.grouped that links to shard i's users.
+func (s *share) linkGroup(i int) []restoredLink {
+	begin, end := groupBounds(s.linkEnds, i)
+	return s.grouped[begin:end]
+}
+
+// queue checks and queues batch[from:to], up to the first invalid record,
+// and groups what it queued by shard.
+func (s *share) queue(e *Engine, batch []Record, from, to int) {
+	s.owners, s.links, s.subs, s.friends, s.err = s.owners[:0], s.links[:0], 0, 0, nil
+	for i := from; i < to; i++ {
+		if err := s.queueRecord(e, batch, i); err != nil {
+			s.failed, s.err = i, err
+			break
+		}
+	}
+	s.ownerOrder, s.ownerEnds = groupByShard(e, len(s.owners), func(i int) uint64 { return s.owners[i].key.hash }, s.ownerOrder, s.ownerEnds)
+	s.linkOrder, s.linkEnds = groupByShard(e, len(s.links), func(i int) uint64 { return s.links[i].target.hash }, s.linkOrder, s.linkEnds)
+	// The links are copied in that order, so that linking reads them one
+	// after another: taken through linkOrder, the links of a batch, far
+	// bigger than the cache, would be one more miss each.
+	s.grouped = slices.Grow(s.grouped[:0], len(s.links))[:len(s.links)]
+	for at, i := range s.linkOrder {
+		s.grouped[at] = s.links[i]
+	}
+	s.targets = slices.Grow(s.targets[:0], len(s.links))[:len(s.links)]
+}
+
+// queueRecord checks batch[i] and queues it, with its edges.
+func (s *share) queueRecord(e *Engine, batch []Record, i int) error {
+	rec := &batch[i]
+	if err := s.check(e, rec); err != nil {
+		return err
+	}
+	subs := s.keys[0]
+	if len(subs) > e.cfg.MaxSubscriptions {
+		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
+	}
+	friends := s.keys[1][:min(len(s.keys[1]), e.cfg.MaxFriends)]
+	_, k := e.locate(rec.UserID)
+	owner := int32(len(s.owners))
+	s.owners = append(s.owners, restoredOwner{rec: i, key: k, firstLink: len(s.links), subs: len(subs), friends: len(friends)})
+	for _, k := range subs {
+		s.links = append(s.links, restoredLink{target: k, owner: owner, at: int32(len(s.links))})
+	}
+	for _, k := range friends {
+		s.links = append(s.links, restoredLink{target: k, owner: owner, at: int32(len(s.links)), friend: true})
+	}
+	s.subs += len(subs)
+	s.friends += len(friends)
+	return nil
+}
+
+// restorer is one goroutine of a restore: what it makes, and its scratch.
+type restorer struct {
+	rs  *restoring
+	top uint64 // highest version restored so far
+
+	// The first record found saved twice, if any: its index in the batch
+	// and the error.
+	failed int
+	err    error
 
 	found   []foundRecord // scratch for find
 	dropped bool          // restoreOwn dropped a record since find
@@ -450,7 +605,7 @@ const blockLen = 1024
 // for good) keeps its place, and what its edges hold, while another
 // record of its block lives on. At worst, one record in every block
 // outliving the rest, the restored records' blocks all stay: no more than
-// the restore itself allocated for them (at 1 M users, about 330 MB), kept
+// the restore itself allocated for them (at 1 M users, about 320 MB), kept
 // until the last of their users is gone. Records made after the restore
 // (by Login, AddFriends, subscriptions) are allocated one by one.
 type block[T any] []T
@@ -467,7 +622,7 @@ func (b *block[T]) next() *T {
 // restoredOwner is a record being restored; while its edges are linked it
 // is pinned, so a second record for the same user is noticed.
 type restoredOwner struct {
-	rec           int // index in the share
+	rec           int // index in the batch
 	key           key
 	u             *user
 	firstLink     int // its links are links[firstLink:][:subs+friends]
@@ -477,76 +632,41 @@ type restoredOwner struct {
 // restoredLink is one edge of an owner.
 type restoredLink struct {
 	target key
-	owner  int32 // index in restorer.owners
-	at     int32 // index in restorer.links
+	owner  int32 // index in share.owners
+	at     int32 // index in share.links
 	friend bool
 }
 
-// restore adds records, all or up to the first that is invalid, whose
-// error it returns: the one sequential restoring would have met first.
-func (r *restorer) restore(records []Record) error {
-	r.owners, r.links = r.owners[:0], r.links[:0]
-	failed, err := len(records), error(nil) // the first invalid record
-	for i := range records {
-		if err = r.queue(records, i); err != nil {
-			failed = i
-			break
-		}
-	}
-	r.ownerOrder, r.ownerEnds = r.groupByShard(len(r.owners), func(i int) uint64 { return r.owners[i].key.hash }, r.ownerOrder, r.ownerEnds)
-	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, idx *restoreIndex, _ int32, group []int32) {
-		found := r.find(sh, idx, len(group), func(j int) key { return r.owners[group[j]].key })
+// restoreOwners makes the records of shard s's owners, share by share, and
+// restores what they hold themselves. Call with the shard locked.
+func (r *restorer) restoreOwners(batch []Record, s int) {
+	sh, idx := &r.rs.e.shards[s], &r.rs.index[s]
+	for w := range r.rs.shares {
+		sr := &r.rs.shares[w]
+		group := sr.ownerGroup(s)
+		found := r.find(sh, idx, len(group), func(j int) key { return sr.owners[group[j]].key })
 		r.warmFound(found)
 		r.dropped = false
 		for j, i := range group {
-			o, u := &r.owners[i], found[j].u
+			o, u := &sr.owners[i], found[j].u
 			if r.dropped && !sh.holdsLocked(u) {
 				// An empty record for the same user, earlier in the
 				// group, was dropped since find.
 				u = r.getOrCreateIndexed(sh, idx, o.key)
 			}
-			if e := r.restoreOwn(sh, o, u, &records[o.rec]); e != nil && o.rec < failed {
-				failed, err = o.rec, e
+			if err := r.restoreOwn(sh, w, o, u, &batch[o.rec]); err != nil && (r.err == nil || o.rec < r.failed) {
+				r.failed, r.err = o.rec, err
 			}
 		}
-	})
-	if err != nil {
-		return err
 	}
-	r.records += len(records)
-	r.linkTargets()
-	r.linkOwners()
-	return nil
 }
 
-// queue checks records[i] and queues it, with its edges.
-func (r *restorer) queue(records []Record, i int) error {
-	e, rec := r.e, &records[i]
-	if err := r.check(rec); err != nil {
-		return err
-	}
-	subs := r.keys[0]
-	if len(subs) > e.cfg.MaxSubscriptions {
-		subs = subs[len(subs)-e.cfg.MaxSubscriptions:] // the newest, as eviction would keep
-	}
-	friends := r.keys[1][:min(len(r.keys[1]), e.cfg.MaxFriends)]
-	_, k := e.locate(rec.UserID)
-	owner := int32(len(r.owners))
-	r.owners = append(r.owners, restoredOwner{rec: i, key: k, firstLink: len(r.links), subs: len(subs), friends: len(friends)})
-	for _, k := range subs {
-		r.links = append(r.links, restoredLink{target: k, owner: owner, at: int32(len(r.links))})
-	}
-	for _, k := range friends {
-		r.links = append(r.links, restoredLink{target: k, owner: owner, at: int32(len(r.links)), friend: true})
-	}
-	return nil
-}
-
-// restoreOwn restores what rec holds itself into u, o's record, under sh's
-// lock. A record with edges stays pinned until linkOwners.
-func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, u *user, rec *Record) error {
-	e := r.e
-	if u.hasOwnState() || u.pins != 0 { // pinned: its edges are being linked, by this goroutine or another
+// restoreOwn restores what rec holds itself into u, the record of o, share
+// w's owner, under sh's lock. A record with edges stays pinned until
+// linkOwners.
+func (r *restorer) restoreOwn(sh *shard, w int, o *restoredOwner, u *user, rec *Record) error {
+	e := r.rs.e
+	if u.hasOwnState() || u.pins != 0 { // pinned: restored from an earlier record of this batch
 		return recordError(rec, "user saved twice")
 	}
 	c := beginChange(u)
@@ -561,7 +681,7 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, u *user, rec *Record)
 		d := r.devices.next()
 		d.id, d.loginAt, d.lastSeen = cloneString(dr.DeviceID), dr.LoginAt.UnixNano(), dr.LastSeen.UnixNano()
 		if dr.Connected {
-			d.graceUntil, d.held = r.now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
+			d.graceUntil, d.held = r.rs.now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
 		}
 		*at = d
 		at = &d.next
@@ -581,10 +701,10 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, u *user, rec *Record)
 		// Restored one record after another, an edge to this user from
 		// an earlier record would have made the user's record already,
 		// and kept it.
-		if !u.emptyLocked() || !r.linkedBefore(o) {
+		if !u.emptyLocked() || !r.rs.linkedBefore(w, o) {
 			sh.dropIfEmptyLocked(u)
 			if !sh.holdsLocked(u) {
-				r.index[u.hash&e.mask].forget(u)
+				r.rs.index[u.hash&e.mask].forget(u)
 				r.dropped = true
 			}
 		}
@@ -592,26 +712,18 @@ func (r *restorer) restoreOwn(sh *shard, o *restoredOwner, u *user, rec *Record)
 	}
 	u.pins++ // keep the record while its edges are linked
 	o.u = u
-	r.subs += o.subs
-	r.friends += o.friends
 	return nil
 }
 
-// linkedBefore reports whether a record queued before o has an edge to o's
-// user.
-func (r *restorer) linkedBefore(o *restoredOwner) bool {
-	return slices.ContainsFunc(r.links[:o.firstLink], func(l restoredLink) bool { return l.target == o.key })
-}
-
 // check validates a record's structure, and leaves the keys of its edges
-// in r.keys. Today's Config limits are not applied: a host that lowers
+// in s.keys. Today's Config limits are not applied: a host that lowers
 // MaxIDBytes or MaxCustomStatusBytes must still be able to start. The
 // limits apply to what is set from now on.
 //
 // It looks for repeated IDs without a map: an edge's IDs are compared by
 // their hashes, sorted, and a device's few with each other. Only a record
 // that looks wrong goes to checkExactly, which names the first problem.
-func (r *restorer) check(rec *Record) error {
+func (s *share) check(e *Engine, rec *Record) error {
 	if problem := idProblem(rec.UserID, maxStoredID); problem != "" {
 		return recordError(rec, "user ID %s", problem)
 	}
@@ -625,47 +737,47 @@ func (r *restorer) check(rec *Record) error {
 			slices.ContainsFunc(rec.Devices[:i], func(d DeviceRecord) bool { return d.DeviceID == id })
 	}
 	for l, list := range [2][]string{rec.Subscriptions, rec.Friends} {
-		r.keys[l], r.hashes = r.keys[l][:0], r.hashes[:0]
+		s.keys[l], s.hashes = s.keys[l][:0], s.hashes[:0]
 		for _, id := range list {
 			suspect = suspect || idProblem(id, maxStoredID) != "" || id == rec.UserID
-			_, k := r.e.locate(id)
-			r.keys[l] = append(r.keys[l], k)
-			r.hashes = append(r.hashes, k.hash)
+			_, k := e.locate(id)
+			s.keys[l] = append(s.keys[l], k)
+			s.hashes = append(s.hashes, k.hash)
 		}
-		slices.Sort(r.hashes)
-		for i := 1; i < len(r.hashes) && !suspect; i++ {
-			suspect = r.hashes[i] == r.hashes[i-1] // a repeat, or two IDs with one hash
+		slices.Sort(s.hashes)
+		for i := 1; i < len(s.hashes) && !suspect; i++ {
+			suspect = s.hashes[i] == s.hashes[i-1] // a repeat, or two IDs with one hash
 		}
 	}
 	if suspect {
-		return r.checkExactly(rec)
+		return s.checkExactly(rec)
 	}
 	return nil
 }
 
 // checkExactly checks a record's IDs one by one, in order, and reports the
 // first that is invalid or repeated.
-func (r *restorer) checkExactly(rec *Record) error {
-	if r.seen == nil {
-		r.seen = make(map[string]bool)
+func (s *share) checkExactly(rec *Record) error {
+	if s.seen == nil {
+		s.seen = make(map[string]bool)
 	}
-	clear(r.seen)
+	clear(s.seen)
 	for _, d := range rec.Devices {
-		if problem := idProblem(d.DeviceID, maxStoredID); problem != "" || r.seen[d.DeviceID] {
+		if problem := idProblem(d.DeviceID, maxStoredID); problem != "" || s.seen[d.DeviceID] {
 			return recordError(rec, "device ID %q invalid or repeated", d.DeviceID)
 		}
-		r.seen[d.DeviceID] = true
+		s.seen[d.DeviceID] = true
 	}
 	for _, list := range [2][]string{rec.Subscriptions, rec.Friends} {
-		clear(r.seen)
+		clear(s.seen)
 		for _, id := range list {
-			if problem := idProblem(id, maxStoredID); problem != "" || id == rec.UserID || r.seen[id] {
+			if problem := idProblem(id, maxStoredID); problem != "" || id == rec.UserID || s.seen[id] {
 				return recordError(rec, "edge to %q invalid, repeated or to itself", id)
 			}
-			r.seen[id] = true
+			s.seen[id] = true
 		}
 	}
-	r.seen = nil // it may have grown large for this one record
+	s.seen = nil // it may have grown large for this one record
 	return nil
 }
 
@@ -680,9 +792,9 @@ func recordError(rec *Record, format string, args ...any) error {
 // in the index come one after another, and share its pages and cache lines.
 // It reuses order and ends; ends[s<<indexRegionBits|region] is where that
 // part of the order ends.
-func (r *restorer) groupByShard(n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
-	bucket := func(h uint64) uint64 { return (h&r.e.mask)<<indexRegionBits | h>>(64-indexRegionBits) }
-	buckets := len(r.e.shards) << indexRegionBits
+func groupByShard(e *Engine, n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
+	bucket := func(h uint64) uint64 { return (h&e.mask)<<indexRegionBits | h>>(64-indexRegionBits) }
+	buckets := len(e.shards) << indexRegionBits
 	ends = slices.Grow(ends[:0], buckets)[:buckets]
 	clear(ends)
 	for i := range n {
@@ -702,47 +814,29 @@ func (r *restorer) groupByShard(n int, hash func(int) uint64, order, ends []int3
 	return order, ends
 }
 
-// eachGroup calls fn for every shard's group in order (see groupByShard)
-// with the shard locked, the shard's restore index, and where the group
-// starts in order.
-func (r *restorer) eachGroup(order, ends []int32, fn func(sh *shard, idx *restoreIndex, begin int32, group []int32)) {
-	shards := len(r.e.shards)
-	for n := range shards {
-		s := (r.firstShard + n) % shards
-		begin := int32(0)
-		if s > 0 {
-			begin = ends[s<<indexRegionBits-1]
-		}
-		end := ends[(s+1)<<indexRegionBits-1]
-		if begin == end {
-			continue
-		}
-		sh := &r.e.shards[s]
-		sh.mu.Lock()
-		fn(sh, &r.index[s], begin, order[begin:end])
-		sh.mu.Unlock()
+// groupBounds returns where shard i's group begins and ends in an order
+// groupByShard made along with ends.
+func groupBounds(ends []int32, i int) (begin, end int32) {
+	if i > 0 {
+		begin = ends[i<<indexRegionBits-1]
 	}
+	return begin, ends[(i+1)<<indexRegionBits-1]
 }
 
-// linkTargets finds or makes every link's target record and adds the owner
-// to its reverse index (subscribers or friendOf), a shard at a time.
-func (r *restorer) linkTargets() {
-	r.targets = slices.Grow(r.targets[:0], len(r.links))[:len(r.links)]
-	r.linkOrder, r.linkEnds = r.groupByShard(len(r.links), func(i int) uint64 { return r.links[i].target.hash }, r.linkOrder, r.linkEnds)
-	// The links are copied in that order, so that the passes below read
-	// them one after another: taken through linkOrder, the links of a
-	// batch, far bigger than the cache, would be one more miss each.
-	r.grouped = slices.Grow(r.grouped[:0], len(r.links))[:len(r.links)]
-	for at, i := range r.linkOrder {
-		r.grouped[at] = r.links[i]
-	}
-	r.eachGroup(r.linkOrder, r.linkEnds, func(sh *shard, idx *restoreIndex, begin int32, group []int32) {
-		links := r.grouped[begin:][:len(group)]
+// linkTargets finds or makes the record of every link to shard s's users,
+// share by share, and adds the link's owner to the record's reverse index
+// (subscribers or friendOf). Call with the shard locked.
+func (r *restorer) linkTargets(s int) {
+	rs := r.rs
+	sh, idx := &rs.e.shards[s], &rs.index[s]
+	for w := range rs.shares {
+		sr := &rs.shares[w]
+		links := sr.linkGroup(s)
 		found := r.find(sh, idx, len(links), func(j int) key { return links[j].target })
 		r.warmReverse(links, found)
 		for j := range links {
 			l, t := &links[j], found[j].u
-			r.targets[l.at] = t
+			sr.targets[l.at] = t
 			// No delivery can run before New returns, so the shard lock
 			// alone guards the index here. Each record's lists were
 			// checked for repeats, and each record comes once, so every
@@ -751,18 +845,17 @@ func (r *restorer) linkTargets() {
 			if ed == nil {
 				ed = r.edgesLocked(t)
 				idx.noteEdges(t, ed)
-				found[j].ed = ed // for a second link to t in this group
 			}
-			set, expect := &ed.subscribers, r.subs
+			set, expect := &ed.subscribers, rs.subs
 			if l.friend {
-				set, expect = &ed.friendOf, r.friends
+				set, expect = &ed.friendOf, rs.friends
 			}
 			if set.len() == 0 {
-				set.grow(setCapacity(expect / max(1, r.records)))
+				set.grow(setCapacity(expect / max(1, rs.records)))
 			}
-			set.addNew(r.owners[l.owner].u)
+			set.addNew(sr.owners[l.owner].u)
 		}
-	})
+	}
 }
 
 // At a million users the records are far bigger than the caches, and
@@ -959,17 +1052,20 @@ func setCapacity(mean int) int {
 	return c
 }
 
-// linkOwners fills in each owner's own lists from its linked targets and
-// unpins it, a shard at a time.
-func (r *restorer) linkOwners() {
-	r.eachGroup(r.ownerOrder, r.ownerEnds, func(sh *shard, _ *restoreIndex, _ int32, group []int32) {
-		r.warmOwners(group)
+// linkOwners fills in the own lists of shard s's owners from their linked
+// targets, share by share, and unpins them. Call with the shard locked.
+func (r *restorer) linkOwners(s int) {
+	sh := &r.rs.e.shards[s]
+	for w := range r.rs.shares {
+		sr := &r.rs.shares[w]
+		group := sr.ownerGroup(s)
+		r.warmOwners(sr, group)
 		for _, i := range group {
-			o := &r.owners[i]
+			o := &sr.owners[i]
 			if o.u == nil {
 				continue // no edges: done already
 			}
-			targets := r.targets[o.firstLink:][:o.subs+o.friends]
+			targets := sr.targets[o.firstLink:][:o.subs+o.friends]
 			ed := r.edgesLocked(o.u)
 			if o.subs > 0 {
 				ed.subs.grow(o.subs)
@@ -990,20 +1086,20 @@ func (r *restorer) linkOwners() {
 			// the collector a miss then.
 			clear(targets)
 			o.u.pins--
-			r.e.scheduleLocked(o.u)
+			r.rs.e.scheduleLocked(o.u)
 		}
-	})
+	}
 }
 
-// warmOwners reads the records and edges of group's owners (see
-// warmGroup).
-func (r *restorer) warmOwners(group []int32) {
+// warmOwners reads the records and edges of group's owners, share sr's
+// (see warmGroup).
+func (r *restorer) warmOwners(sr *share, group []int32) {
 	sum := 0
 	for start := 0; start < len(group); start += warmGroup {
 		items := group[start:min(start+warmGroup, len(group))]
 		var eds [warmGroup]*edges
 		for j, i := range items {
-			if u := r.owners[i].u; u != nil {
+			if u := sr.owners[i].u; u != nil {
 				eds[j] = u.edges.Load()
 			}
 		}
