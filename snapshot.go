@@ -886,14 +886,24 @@ func (r *restorer) find(sh *shard, idx *restoreIndex, n int, keyOf func(int) key
 		var keys [warmGroup]key
 		var slots [warmGroup]int32
 		sum := 0
+		// The slot each probe starts at is read before probing: a probe
+		// decides by what it reads whether to go on, and while that
+		// waits for a miss the CPU cannot start the next one.
 		for j := range found {
 			keys[j] = keyOf(start + j)
-			slots[j] = idx.slot(keys[j].hash)
+			if len(idx.slots) > 0 {
+				sum += int(idx.slots[keys[j].hash>>idx.shift].hash)
+			}
 		}
 		for j := range found {
+			slots[j] = idx.slot(keys[j].hash)
+		}
+		// Then both IDs each comparison reads: the record's, and the
+		// key's, which lies in the batch, taken out of its order here.
+		for j := range found {
 			if i := slots[j]; i >= 0 {
-				if id := idx.slots[i].id; len(id) > 0 {
-					sum += int(id[0])
+				if id := idx.slots[i].id; len(id) > 0 && len(id) == len(keys[j].id) {
+					sum += int(id[0]) + int(keys[j].id[0])
 				}
 			}
 		}
