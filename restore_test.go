@@ -1,0 +1,54 @@
+package presence_test
+
+import (
+	"context"
+	"iter"
+	"slices"
+	"testing"
+
+	"github.com/presencekit/presence"
+)
+
+// oneBatch is a Store that hands its records to add in a single batch and
+// saves nothing.
+type oneBatch []presence.Record
+
+func (oneBatch) Save(_ context.Context, records iter.Seq2[[]presence.Record, error]) error {
+	for _, err := range records {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b oneBatch) Load(_ context.Context, add func([]presence.Record) error) error {
+	return add(slices.Clone(b))
+}
+
+// A restore ends as restoring the records one by one would, however its
+// goroutines share a batch out. A record with nothing the engine keeps of
+// its own (no device, no edge: only a version) is kept when an earlier
+// record has an edge to its user, and dropped otherwise; an edge in a later
+// record then makes the user's record again, new, with no version of its
+// own. Here the edge to "kept" and "kept" itself fall in different
+// goroutines' shares of the batch whenever there are two or more.
+func TestRestoreKeepsRecordsAsIfOneByOne(t *testing.T) {
+	device := []presence.DeviceRecord{{DeviceID: "phone"}}
+	store := oneBatch{
+		{UserID: "a", Devices: device, Subscriptions: []string{"kept"}},
+		{UserID: "dropped", Version: 88},
+		{UserID: "kept", Version: 77},
+		{UserID: "b", Devices: device, Subscriptions: []string{"dropped"}},
+	}
+	for range 20 { // the goroutines race afresh each time
+		e := newEngine(t, presence.Config{Store: store})
+		if v := state(t, e, "kept").Version; v != 77 {
+			t.Fatalf("kept: restored with version %d, want its saved 77", v)
+		}
+		if v := state(t, e, "dropped").Version; v != 0 {
+			t.Fatalf("dropped: restored with version %d, want 0 (made again by b's edge)", v)
+		}
+		noErr(t, "Close", e.Close())
+	}
+}
