@@ -574,40 +574,31 @@ type restorer struct {
 	dropped bool          // restoreOwn dropped a record since find
 	warm    int           // what the warming steps read, so that the reads are not optimized away
 
-	// What the restore makes of records, devices and edges is carved from
-	// blocks of them (see block).
+	// The records and devices the restore makes are carved from blocks of
+	// them (see block).
 	users   block[user]
 	devices block[device]
-	edges   block[edges]
-}
-
-// edgesLocked is u.edgesLocked, with new edges taken from r's blocks.
-func (r *restorer) edgesLocked(u *user) *edges {
-	ed := u.edges.Load()
-	if ed == nil {
-		ed = r.edges.next()
-		u.edges.Store(ed)
-	}
-	return ed
 }
 
 // blockLen is how many values a block holds.
 const blockLen = 1024
 
 // block hands out zero values of T carved from arrays of blockLen of them.
-// A restore makes millions of records, devices and edges at once; in blocks
-// it allocates them a thousand times less often, and the collector, which
-// otherwise looks at the page of every record each pointer to it leads to,
-// finds most of them in a few large objects, whose marks it has at hand.
+// A restore makes millions of records and devices at once; in blocks it
+// allocates them a thousand times less often, and the collector, which
+// otherwise looks at the page of every record each of the edges' pointers
+// leads to, finds most of them in a few large objects, whose marks it has
+// at hand.
 //
 // The price: a block stays in memory as long as any value carved from it
 // is reachable. A restored record the engine drops (its user logged out
-// for good) keeps its place, and what its edges hold, while another
-// record of its block lives on. At worst, one record in every block
-// outliving the rest, the restored records' blocks all stay: no more than
-// the restore itself allocated for them (at 1 M users, about 320 MB), kept
-// until the last of their users is gone. Records made after the restore
-// (by Login, AddFriends, subscriptions) are allocated one by one.
+// for good) keeps its place, and its ID's bytes, while another record of
+// its block lives on; its edge sets, which can have grown since, are let
+// go when it is dropped (see dropIfEmptyLocked). At worst, one record in
+// every block outliving the rest, the restored records' and devices'
+// blocks all stay: about 160 B a restored user (160 MB at 1 M users), kept
+// until the last user of each block is gone. Records made after the
+// restore (by Login, AddFriends, subscriptions) are allocated one by one.
 type block[T any] []T
 
 func (b *block[T]) next() *T {
@@ -884,7 +875,7 @@ func (r *restorer) linkTargets(s int) {
 			// edge here is new.
 			ed := found[j].ed
 			if ed == nil {
-				ed = r.edgesLocked(t)
+				ed = t.edgesLocked()
 				idx.noteEdges(t, ed)
 			}
 			set, expect := &ed.subscribers, rs.subs
@@ -1117,7 +1108,7 @@ func (r *restorer) linkOwners(s int) {
 				continue // no edges: done already
 			}
 			targets := sr.targets[o.firstLink:][:o.subs+o.friends]
-			ed := r.edgesLocked(o.u)
+			ed := o.u.edgesLocked()
 			if o.subs > 0 {
 				ed.subs.grow(o.subs)
 				for _, t := range targets[:o.subs] {

@@ -385,6 +385,11 @@ func (sh *shard) dropIfEmptyLocked(u *user) {
 	}
 	if u.fanMu.TryLock() {
 		sh.deleteLocked(u)
+		// The record may live on, dead, in a restore's block (see block):
+		// let its emptied edge sets go, whose memory never shrinks. Nothing
+		// reads them after this: the record is out of the index, has no
+		// edges, and no delivery to watchers is in flight (fanMu is held).
+		u.edges.Store(nil)
 		u.fanMu.Unlock()
 	}
 }
