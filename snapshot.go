@@ -373,10 +373,11 @@ func (e *Engine) restore(ctx context.Context) error {
 //
 // The first pass splits the batch into one share per goroutine. The others
 // go shard by shard: each goroutine takes the next shard no one has taken
-// and does the pass's work there for every share, in batch order. So no
-// goroutine waits for a shard another one holds, nor, at the end of a pass,
-// for one held up by the Store's decoding or by the collector; and each
-// shard sees its records in the order restoring them one by one would.
+// and does the pass's work there for every share, one share after the
+// other. So no goroutine waits for a shard another one holds, nor, at the
+// end of a pass, for one held up by the Store's decoding or by the
+// collector; and each user's records come in batch order, as restoring
+// the records one by one would take them.
 type restoring struct {
 	e       *Engine
 	now     time.Time
@@ -500,8 +501,9 @@ type share struct {
 	err    error
 }
 
-// ownerGroup returns the indexes in s.owners of shard i's owners, in
-// batch order.
+// ownerGroup returns the indexes in s.owners of shard i's owners, in the
+// order groupByShard gives: by region of the shard's restore index, and in
+// batch order within a region, so one user's records keep their order.
 func (s *share) ownerGroup(i int) []int32 {
 	begin, end := groupBounds(s.ownerEnds, i)
 	return s.ownerOrder[begin:end]
