@@ -111,21 +111,30 @@ func waitApplied(e *Engine, id, custom string) {
 	}
 }
 
+// loginAlone makes an engine with one user, "u", logged in on one device
+// that nobody watches, and returns its session with the login event pending.
+func loginAlone(t *testing.T) (*Engine, *Session) {
+	t.Helper()
+	e, err := New(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := e.Login("u", "phone")
+	if err != nil {
+		e.Close()
+		t.Fatal(err)
+	}
+	return e, s
+}
+
 // A change of a user nobody watches reaches the user's own sessions without
 // the delivery lock, so two such changes made at once can arrive in either
 // order. A session drops an event about its own user that is older than one
 // it already took in, even once the newer one has been read: its reader
 // never sees the user's version go back.
 func TestOwnSessionDropsOlderOwnEventArrivingLate(t *testing.T) {
-	e, err := New(Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := loginAlone(t)
 	defer e.Close()
-	s, err := e.Login("u", "phone")
-	if err != nil {
-		t.Fatal(err)
-	}
 	login := s.Drain(nil)
 	if len(login) != 1 {
 		t.Fatalf("drained %+v after login, want the login event", login)
@@ -151,15 +160,8 @@ func TestOwnSessionDropsOlderOwnEventArrivingLate(t *testing.T) {
 // taken as the change is applied; an event that then does not land (its
 // session ended meanwhile) is taken off again, so Stats stays exact.
 func TestOwnEventToSessionEndedMeanwhileIsNotCounted(t *testing.T) {
-	e, err := New(Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := loginAlone(t)
 	defer e.Close()
-	s, err := e.Login("u", "phone")
-	if err != nil {
-		t.Fatal(err)
-	}
 	s.Drain(nil)
 	before := e.Stats().Delivered
 
