@@ -33,6 +33,8 @@ func (b oneBatch) Load(_ context.Context, add func([]presence.Record) error) err
 // record has an edge to its user. Here the edge to "kept" and "kept"
 // itself fall in different goroutines' shares of the batch whenever there
 // are two or more, which GOMAXPROCS 4 makes sure of even on one CPU.
+// A record no earlier record links to is dropped at once; when a later
+// record's edge makes it again, its version does not go back.
 func TestRestoreKeepsRecordsAsIfOneByOne(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
 	device := []presence.DeviceRecord{{DeviceID: "phone"}}
@@ -46,6 +48,9 @@ func TestRestoreKeepsRecordsAsIfOneByOne(t *testing.T) {
 		e := newEngine(t, presence.Config{Store: store})
 		if v := state(t, e, "kept").Version; v != 77 {
 			t.Fatalf("kept: restored with version %d, want its saved 77", v)
+		}
+		if v := state(t, e, "other").Version; v < 88 {
+			t.Fatalf("other: made again with version %d, behind its saved 88", v)
 		}
 		noErr(t, "Close", e.Close())
 	}

@@ -686,6 +686,9 @@ func (r *restorer) restoreOwn(sh *shard, w int, o *restoredOwner, u *user, rec *
 	sh.countStatus(c.prevStatus, u.status)
 	u.version = rec.Version
 	r.top = max(r.top, rec.Version)
+	// A record dropped below, as empty, may be made again by a later
+	// record's edge: it must not start behind the version it was saved with.
+	sh.version = max(sh.version, rec.Version)
 	if !rec.IdleSince.IsZero() {
 		u.idleSince = rec.IdleSince.UnixNano()
 	}
