@@ -185,8 +185,8 @@ func dumpUserLocked(u *user) dumpedUser {
 // peekLocked lists a mailbox without consuming it. Call with s.mu held.
 func peekLocked(s *Session) []Event {
 	var evs []Event
-	s.box.each(func(_ string, ev Event) bool {
-		evs = append(evs, ev)
+	s.box.each(func(id string, p pending) bool {
+		evs = append(evs, p.event(id))
 		return true
 	})
 	return evs
