@@ -155,7 +155,7 @@ func dumpEngine(e *Engine, sessions map[string]*Session) dumpedEngine {
 func dumpUserLocked(u *user) dumpedUser {
 	du := dumpedUser{
 		Status: u.status, Custom: u.custom, Version: u.version,
-		IdleSince: u.idleSince, TimerAt: int64(u.timerAt), Pins: int32(u.pins),
+		TimerAt: int64(u.timerAt), Pins: int32(u.pins),
 	}
 	for dev := range u.eachDevice {
 		dd := dumpedDevice{ID: dev.id, LoginAt: dev.loginAt, LastSeen: dev.lastSeen, GraceUntil: dev.graceUntil, Held: dev.held}
@@ -171,6 +171,7 @@ func dumpUserLocked(u *user) dumpedUser {
 		du.Published = len(l.all)
 	}
 	if ed := u.edges.Load(); ed != nil {
+		du.IdleSince = ed.idleSince
 		ed.subs.each(func(t *user, _ struct{}) bool {
 			du.Subs = append(du.Subs, t.id)
 			return true

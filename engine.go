@@ -355,7 +355,7 @@ func New(cfg Config) (*Engine, error) {
 	e.wheel = newWheel(e.now(), tick)
 	for i := range e.shards {
 		e.shards[i].users = make(map[uint64]*user)
-		e.shards[i].wheel = e.wheel
+		e.shards[i].e = e
 		e.shards[i].records = cfg.ChangeFeedSize > 0
 	}
 	e.query = newQuota(cfg.QueryQuota, cfg.Shards, e.wheel)
@@ -390,12 +390,20 @@ func (e *Engine) now() time.Time { return time.Now() }
 
 // locate hashes id once: the hash picks the shard and keys its index.
 func (e *Engine) locate(id string) (*shard, key) {
-	h := maphash.String(e.seed, id) & e.keyMask
+	h := e.hash(id)
 	return &e.shards[h&e.mask], key{h, id}
 }
 
+// hash is an ID's hash, which picks its shard and keys the shard's index.
+// A record does not keep its own: that keeps it at 80 bytes, and the paths
+// that need it for a record they hold (a wheel visit, a drop) are the rarer
+// ones.
+func (e *Engine) hash(id string) uint64 {
+	return maphash.String(e.seed, id) & e.keyMask
+}
+
 // shardOf returns the shard holding u, without hashing again.
-func (e *Engine) shardOf(u *user) *shard { return &e.shards[u.hash&e.mask] }
+func (e *Engine) shardOf(u *user) *shard { return &e.shards[e.hash(u.id)&e.mask] }
 
 // run fires the wheel's deadlines once a tick until Close.
 func (e *Engine) run() {
@@ -603,7 +611,7 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 			u.unlinkDevice(old)
 		}
 	}
-	s := newSession(e, u, d)
+	s := newSession(sh, u, d)
 	d.session, d.loginAt, d.lastSeen = s, now.UnixNano(), now.UnixNano()
 	sh.sessions++
 	u.publishSessionsLocked()

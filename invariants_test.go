@@ -99,11 +99,11 @@ func (e *Engine) checkRecordLocked(sh *shard, u *user) error {
 	id := u.id
 	lsh, k := e.locate(id)
 	switch {
-	case lsh != sh || k.hash != u.hash || sh.getLocked(k) != u:
-		return fmt.Errorf("record %q in the wrong shard, under the wrong hash, or not found by its ID", id)
-	case sh.users[u.hash] != u && sh.clash[id] != u:
+	case lsh != sh || sh.getLocked(k) != u:
+		return fmt.Errorf("record %q in the wrong shard, or not found by its ID", id)
+	case sh.users[k.hash] != u && sh.clash[id] != u:
 		return fmt.Errorf("record %q not indexed under its hash nor as a clash", id)
-	case sh.users[u.hash] != u && sh.users[u.hash] == nil:
+	case sh.users[k.hash] != u && sh.users[k.hash] == nil:
 		return fmt.Errorf("record %q is a clash with a free hash slot", id)
 	case u.pins != 0:
 		return fmt.Errorf("%s: %d pins left", id, u.pins)

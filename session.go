@@ -24,7 +24,7 @@ import (
 //
 // All methods are safe for concurrent use.
 type Session struct {
-	e   *Engine
+	sh  *shard // the user's: the session's calls lock it without hashing the ID again
 	u   *user
 	dev *device // the device this session belongs to; dev.session == this while live
 
@@ -46,8 +46,8 @@ type Session struct {
 	soloArr [1]*Session
 }
 
-func newSession(e *Engine, u *user, d *device) *Session {
-	s := &Session{e: e, u: u, dev: d, ready: make(chan struct{}, 1)}
+func newSession(sh *shard, u *user, d *device) *Session {
+	s := &Session{sh: sh, u: u, dev: d, ready: make(chan struct{}, 1)}
 	s.soloArr[0] = s
 	s.solo.all = s.soloArr[:]
 	return s
@@ -220,7 +220,7 @@ func (s *Session) push(ev *Event, t *tally) {
 	} else {
 		// Make room first: adding before evicting would take the mailbox to
 		// FeedSize+1 entries and double its storage for that one moment.
-		if s.box.len() >= s.e.cfg.FeedSize {
+		if s.box.len() >= s.sh.e.cfg.FeedSize {
 			s.box.popOldest()
 			s.lost.Add(1)
 			t.lost++
@@ -255,7 +255,7 @@ func (s *Session) Heartbeat() error {
 	if err != nil {
 		return err
 	}
-	s.dev.lastSeen = s.e.now().UnixNano() // under the lock: a device's times never go back
+	s.dev.lastSeen = s.sh.e.now().UnixNano() // under the lock: a device's times never go back
 	sh.mu.Unlock()
 	return nil
 }
@@ -270,7 +270,7 @@ func (s *Session) Disconnect() error {
 	if err != nil {
 		return err
 	}
-	e, u, d := s.e, s.u, s.dev
+	e, u, d := s.sh.e, s.u, s.dev
 	now := e.now() // under the lock: a device's times and its user's changes never go back
 	c := beginChange(u)
 	c.endSession(sh, d, ReasonLinkClose)
@@ -296,7 +296,7 @@ func (s *Session) Logout() error {
 	if err != nil {
 		return err
 	}
-	s.e.logoutLocked(sh, s.u, s.dev, s.e.now())
+	sh.e.logoutLocked(sh, s.u, s.dev, sh.e.now())
 	return nil
 }
 
@@ -304,10 +304,10 @@ func (s *Session) Logout() error {
 // shard, still locked, if the session is live; otherwise it returns op's
 // error (ErrClosed, or ErrSessionEnded) with no lock held.
 func (s *Session) lockLive(op string) (*shard, error) {
-	if s.e.closed.Load() {
+	sh := s.sh
+	if sh.e.closed.Load() {
 		return nil, closedError(op)
 	}
-	sh := s.e.shardOf(s.u)
 	sh.mu.Lock()
 	if s.dev.session != s {
 		sh.mu.Unlock()

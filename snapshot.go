@@ -46,7 +46,7 @@ type Record struct {
 	UserID        string
 	Custom        string
 	Version       uint64
-	IdleSince     time.Time // when the user last left Online (drives Config.SubscriptionTTL)
+	IdleSince     time.Time // when Config.SubscriptionTTL started counting: the user last left Online, or subscribed while not Online; zero without subscriptions
 	Devices       []DeviceRecord
 	Subscriptions []string // oldest first
 	Friends       []string
@@ -215,15 +215,15 @@ func (u *user) recordLocked(r *Record) {
 		UserID: u.id, Custom: u.custom, Version: u.version,
 		Devices: r.Devices[:0], Subscriptions: r.Subscriptions[:0], Friends: r.Friends[:0],
 	}
-	if u.idleSince != 0 {
-		r.IdleSince = time.Unix(0, u.idleSince)
-	}
 	for d := range u.eachDevice {
 		r.Devices = append(r.Devices, DeviceRecord{DeviceID: d.id, Connected: d.online(), LoginAt: time.Unix(0, d.loginAt), LastSeen: time.Unix(0, d.lastSeen)})
 	}
 	ed := u.edges.Load()
 	if ed == nil {
 		return
+	}
+	if ed.subs.len() > 0 && ed.idleSince != 0 {
+		r.IdleSince = time.Unix(0, ed.idleSince)
 	}
 	ed.subs.each(func(t *user, _ struct{}) bool {
 		r.Subscriptions = append(r.Subscriptions, t.id)
@@ -689,8 +689,8 @@ func (r *restorer) restoreOwn(sh *shard, w int, o *restoredOwner, u *user, rec *
 	// A record dropped below, as empty, may be made again by a later
 	// record's edge: it must not start behind the version it was saved with.
 	sh.version = max(sh.version, rec.Version)
-	if !rec.IdleSince.IsZero() {
-		u.idleSince = rec.IdleSince.UnixNano()
+	if o.subs > 0 && !rec.IdleSince.IsZero() {
+		u.edgesLocked().idleSince = rec.IdleSince.UnixNano()
 	}
 	if o.subs+o.friends == 0 {
 		e.scheduleLocked(u)
@@ -700,7 +700,7 @@ func (r *restorer) restoreOwn(sh *shard, w int, o *restoredOwner, u *user, rec *
 		if !u.emptyLocked() || !r.rs.linkedBefore(w, o) {
 			sh.dropIfEmptyLocked(u)
 			if !sh.holdsLocked(u) {
-				r.rs.index[u.hash&e.mask].forget(u)
+				r.rs.index[o.key.hash&e.mask].forget(o.key.hash, u)
 				r.dropped = true
 			}
 		}
@@ -881,7 +881,7 @@ func (r *restorer) linkTargets(s int) {
 			ed := found[j].ed
 			if ed == nil {
 				ed = t.edgesLocked()
-				idx.noteEdges(t, ed)
+				idx.noteEdges(l.target.hash, t, ed)
 			}
 			set, expect := &ed.subscribers, rs.subs
 			if l.friend {
@@ -965,7 +965,7 @@ func (r *restorer) getOrCreateIndexed(sh *shard, idx *restoreIndex, k key) *user
 		u = sh.createLocked(k, r.users.next())
 	}
 	if sh.users[k.hash] == u {
-		idx.put(u) // made now, or taking a forgotten record's slot
+		idx.put(k.hash, u) // made now, or taking a forgotten record's slot
 	}
 	return u
 }
@@ -1053,7 +1053,7 @@ func (x *restoreIndex) slot(hash uint64) int32 {
 }
 
 // put indexes u, which holds its hash's place in the shard's map.
-func (x *restoreIndex) put(u *user) {
+func (x *restoreIndex) put(hash uint64, u *user) {
 	if 2*(x.n+1) > len(x.slots) {
 		old := x.slots
 		x.slots, x.n = make([]indexSlot, max(64, 2*len(old))), 0
@@ -1065,24 +1065,25 @@ func (x *restoreIndex) put(u *user) {
 			}
 		}
 	}
-	i := x.slot(u.hash)
+	i := x.slot(hash)
 	if x.slots[i].u == nil {
 		x.n++
 	}
-	x.slots[i] = indexSlot{hash: u.hash, u: u, id: u.id, ed: u.edges.Load()}
+	x.slots[i] = indexSlot{hash: hash, u: u, id: u.id, ed: u.edges.Load()}
 }
 
-// noteEdges records that u, which may be indexed, now has edges ed.
-func (x *restoreIndex) noteEdges(u *user, ed *edges) {
-	if i := x.slot(u.hash); i >= 0 && x.slots[i].u == u {
+// noteEdges records that u, whose hash is hash and which may be indexed, now
+// has edges ed.
+func (x *restoreIndex) noteEdges(hash uint64, u *user, ed *edges) {
+	if i := x.slot(hash); i >= 0 && x.slots[i].u == u {
 		x.slots[i].ed = ed
 	}
 }
 
 // forget marks u, which its shard no longer holds, as gone.
-func (x *restoreIndex) forget(u *user) {
-	if i := x.slot(u.hash); i >= 0 && x.slots[i].u == u {
-		x.slots[i] = indexSlot{hash: u.hash, u: forgotten}
+func (x *restoreIndex) forget(hash uint64, u *user) {
+	if i := x.slot(hash); i >= 0 && x.slots[i].u == u {
+		x.slots[i] = indexSlot{hash: hash, u: forgotten}
 	}
 }
 

@@ -16,8 +16,8 @@ type shard struct {
 	// Counters for Stats, kept as records change so Stats never scans.
 	loggedIn, online, sessions, subscriptions, friendships int
 
-	wheel   *wheel // the engine's, to tell whether a record still has a pending entry
-	records bool   // changes produce Change records (the change feed is on)
+	e       *Engine // to hash a record's ID again, and to tell whether it has a wheel entry pending
+	records bool    // changes produce Change records (the change feed is on)
 
 	// ownDelivered counts, under mu, the events of changes that only the
 	// user's own sessions hear of, as each change is applied: one per
@@ -48,15 +48,13 @@ type shard struct {
 // once it holds nothing (see dropIfEmptyLocked); versions come from the
 // shard's counter, so a record made again later still moves forward.
 type user struct {
-	id        string
-	hash      uint64 // of id: picks the shard and keys the shard's index
-	custom    string
-	version   uint64
-	devices   *device // first of the logged-in devices, oldest login first; each links the next
-	idleSince int64   // unix ns: when the user last left Online, or last subscribed while not Online
-	timerAt   int32   // wheel tick of this record's earliest pending entry, 0 if none (ticks of a second: 68 years of uptime)
-	pins      int16   // edge changes in progress that hold a pointer to this record: one at a time, under the shard's edgeMu (see Engine.pin)
-	status    Status
+	id      string
+	custom  string
+	version uint64
+	devices *device // first of the logged-in devices, oldest login first; each links the next
+	timerAt int32   // wheel tick of this record's earliest pending entry, 0 if none (ticks of a second: 68 years of uptime)
+	pins    int16   // edge changes in progress that hold a pointer to this record: one at a time, under the shard's edgeMu (see Engine.pin)
+	status  Status
 
 	// sessions lists the connected sessions. It is replaced, never changed in
 	// place, so a delivery reads it without the shard lock.
@@ -97,6 +95,12 @@ type edges struct {
 	friends     userSet               // users this user is notified about as friends
 	subscribers userSet               // users subscribed to this user
 	friendOf    userSet               // users that list this user as a friend
+
+	// idleSince (unix ns) is when the user last left Online, or last
+	// subscribed while not Online: the subscription TTL counts from it. It
+	// matters only while the user has subscriptions, so it lives here
+	// rather than in the record.
+	idleSince int64
 
 	// fanQ takes changes applied while an earlier change of this user is
 	// still being delivered, so that the shard lock is not held waiting for
@@ -303,7 +307,7 @@ func (sh *shard) getLocked(k key) *user {
 
 // holdsLocked reports whether u is the live record for its ID.
 func (sh *shard) holdsLocked(u *user) bool {
-	return sh.users[u.hash] == u || (sh.clash != nil && sh.clash[u.id] == u)
+	return sh.users[sh.e.hash(u.id)] == u || (sh.clash != nil && sh.clash[u.id] == u)
 }
 
 // getOrCreateLocked returns the record for k, making an empty one if needed.
@@ -321,7 +325,7 @@ func (sh *shard) getOrCreateLocked(k key) *user {
 func (sh *shard) createLocked(k key, u *user) *user {
 	// Clone: the caller's string may be a slice of a larger buffer, and the
 	// record's copy is the one every index points at.
-	u.id, u.hash, u.status, u.version = cloneString(k.id), k.hash, Unlogined, sh.version
+	u.id, u.status, u.version = cloneString(k.id), Unlogined, sh.version
 	if sh.users[k.hash] == nil {
 		sh.users[k.hash] = u
 	} else {
@@ -336,13 +340,13 @@ func (sh *shard) createLocked(k key, u *user) *user {
 // deleteLocked removes u, which the shard holds, from the index. If u held
 // a hash slot that a clashing record shares, that record takes the slot.
 func (sh *shard) deleteLocked(u *user) {
-	if sh.users[u.hash] != u {
+	if h := sh.e.hash(u.id); sh.users[h] != u {
 		delete(sh.clash, u.id)
 	} else {
-		delete(sh.users, u.hash)
+		delete(sh.users, h)
 		for id, c := range sh.clash {
-			if c.hash == u.hash {
-				sh.users[u.hash] = c
+			if sh.e.hash(id) == h {
+				sh.users[h] = c
 				delete(sh.clash, id)
 				break
 			}
@@ -380,7 +384,7 @@ func (sh *shard) all(yield func(*user) bool) {
 // so a user logging in and out in a loop would grow the wheel without
 // bound. Kept, the record is reused, entry and all.
 func (sh *shard) dropIfEmptyLocked(u *user) {
-	if !u.emptyLocked() || !sh.holdsLocked(u) || (u.timerAt != 0 && !sh.wheel.fired(int64(u.timerAt))) {
+	if !u.emptyLocked() || (u.timerAt != 0 && !sh.e.wheel.fired(int64(u.timerAt))) || !sh.holdsLocked(u) {
 		return
 	}
 	if u.fanMu.TryLock() {
@@ -474,8 +478,8 @@ func (sh *shard) settleLocked(c *change, now time.Time, why Reason, deviceID str
 	if st != c.prevStatus {
 		sh.countStatus(c.prevStatus, st)
 		u.status = st
-		if c.prevStatus == Online {
-			u.idleSince = now.UnixNano()
+		if ed := u.edges.Load(); ed != nil && c.prevStatus == Online {
+			ed.idleSince = now.UnixNano()
 		}
 	}
 	c.notify = st != c.prevStatus || u.custom != c.prevCustom
@@ -751,7 +755,7 @@ func (e *Engine) nextDeadline(u *user) int64 {
 		}
 	}
 	if u.subCount() > 0 && u.status != Online {
-		earliest(u.idleSince + int64(e.cfg.SubscriptionTTL))
+		earliest(u.edges.Load().idleSince + int64(e.cfg.SubscriptionTTL))
 	}
 	return at
 }
@@ -770,7 +774,7 @@ func (u *user) expire(e *Engine, _ time.Time) {
 		c, ok := e.expireOneLocked(sh, u, now)
 		if !ok {
 			ttl := u.subCount() > 0 && u.status != Online &&
-				now.UnixNano() >= u.idleSince+int64(e.cfg.SubscriptionTTL)
+				now.UnixNano() >= u.edges.Load().idleSince+int64(e.cfg.SubscriptionTTL)
 			e.scheduleLocked(u)
 			sh.dropIfEmptyLocked(u) // kept only for its wheel entry, which this was
 			sh.mu.Unlock()

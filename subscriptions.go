@@ -72,7 +72,8 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 	// Then the forward list, in call order, trimmed to the limit.
 	var gone []*user
 	sh.mu.Lock()
-	list := &a.edgesLocked().subs
+	ed := a.edgesLocked()
+	list := &ed.subs
 	before := list.len()
 	for _, tu := range targets {
 		list.put(tu, struct{}{})
@@ -83,7 +84,7 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 	}
 	sh.subscriptions += list.len() - before
 	if a.status != Online {
-		a.idleSince = now.UnixNano() // the TTL counts from the latest subscribe
+		ed.idleSince = now.UnixNano() // the TTL counts from the latest subscribe
 	}
 	a.pins--
 	e.scheduleLocked(a)
@@ -158,7 +159,7 @@ func (e *Engine) unsubscribeAll(sh *shard, k key, idle *time.Time) {
 	sh.mu.Lock()
 	a := sh.getLocked(k)
 	if a == nil || a.subCount() == 0 ||
-		(idle != nil && (a.status == Online || idle.UnixNano() < a.idleSince+int64(e.cfg.SubscriptionTTL))) {
+		(idle != nil && (a.status == Online || idle.UnixNano() < a.edges.Load().idleSince+int64(e.cfg.SubscriptionTTL))) {
 		sh.mu.Unlock()
 		return
 	}
@@ -181,7 +182,7 @@ func (e *Engine) unsubscribeAll(sh *shard, k key, idle *time.Time) {
 // when u has not been Online for Config.SubscriptionTTL. u itself may have
 // been dropped and made again since; the key finds the live record.
 func (e *Engine) clearIdleSubscriptions(u *user, now time.Time) {
-	sh, k := e.shardOf(u), key{u.hash, u.id}
+	sh, k := e.locate(u.id)
 	sh.edgeMu.Lock()
 	defer sh.edgeMu.Unlock()
 	e.unsubscribeAll(sh, k, &now)
