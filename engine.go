@@ -402,7 +402,7 @@ func (e *Engine) hash(id string) uint64 {
 	return maphash.String(e.seed, id) & e.keyMask
 }
 
-// shardOf returns the shard holding u, without hashing again.
+// shardOf returns the shard holding u.
 func (e *Engine) shardOf(u *user) *shard { return &e.shards[e.hash(u.id)&e.mask] }
 
 // run fires the wheel's deadlines once a tick until Close.
@@ -611,7 +611,7 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 			u.unlinkDevice(old)
 		}
 	}
-	s := newSession(sh, u, d)
+	s := newSession(e, uint32(k.hash&e.mask), u, d)
 	d.session, d.loginAt, d.lastSeen = s, now.UnixNano(), now.UnixNano()
 	sh.sessions++
 	u.publishSessionsLocked()

@@ -24,7 +24,7 @@ import (
 //
 // All methods are safe for concurrent use.
 type Session struct {
-	sh  *shard // the user's: the session's calls lock it without hashing the ID again
+	e   *Engine
 	u   *user
 	dev *device // the device this session belongs to; dev.session == this while live
 
@@ -37,6 +37,7 @@ type Session struct {
 	mu     sync.Mutex            // protects box, closed, own, and the making of done
 	box    fifo[string, pending] // pending events keyed by the user they are about, oldest first
 	closed bool                  // Done's channel is closed, or is to start closed when made
+	shard  uint32                // index of the user's shard, which the record does not keep (see Engine.hash)
 	own    uint64                // version of the latest event about the session's own user taken in
 
 	// solo is the list of its user's sessions published while this is the
@@ -46,8 +47,8 @@ type Session struct {
 	soloArr [1]*Session
 }
 
-func newSession(sh *shard, u *user, d *device) *Session {
-	s := &Session{sh: sh, u: u, dev: d, ready: make(chan struct{}, 1)}
+func newSession(e *Engine, shard uint32, u *user, d *device) *Session {
+	s := &Session{e: e, shard: shard, u: u, dev: d, ready: make(chan struct{}, 1)}
 	s.soloArr[0] = s
 	s.solo.all = s.soloArr[:]
 	return s
@@ -220,7 +221,7 @@ func (s *Session) push(ev *Event, t *tally) {
 	} else {
 		// Make room first: adding before evicting would take the mailbox to
 		// FeedSize+1 entries and double its storage for that one moment.
-		if s.box.len() >= s.sh.e.cfg.FeedSize {
+		if s.box.len() >= s.e.cfg.FeedSize {
 			s.box.popOldest()
 			s.lost.Add(1)
 			t.lost++
@@ -255,7 +256,7 @@ func (s *Session) Heartbeat() error {
 	if err != nil {
 		return err
 	}
-	s.dev.lastSeen = s.sh.e.now().UnixNano() // under the lock: a device's times never go back
+	s.dev.lastSeen = s.e.now().UnixNano() // under the lock: a device's times never go back
 	sh.mu.Unlock()
 	return nil
 }
@@ -270,7 +271,7 @@ func (s *Session) Disconnect() error {
 	if err != nil {
 		return err
 	}
-	e, u, d := s.sh.e, s.u, s.dev
+	e, u, d := s.e, s.u, s.dev
 	now := e.now() // under the lock: a device's times and its user's changes never go back
 	c := beginChange(u)
 	c.endSession(sh, d, ReasonLinkClose)
@@ -296,7 +297,7 @@ func (s *Session) Logout() error {
 	if err != nil {
 		return err
 	}
-	sh.e.logoutLocked(sh, s.u, s.dev, sh.e.now())
+	s.e.logoutLocked(sh, s.u, s.dev, s.e.now())
 	return nil
 }
 
@@ -304,10 +305,10 @@ func (s *Session) Logout() error {
 // shard, still locked, if the session is live; otherwise it returns op's
 // error (ErrClosed, or ErrSessionEnded) with no lock held.
 func (s *Session) lockLive(op string) (*shard, error) {
-	sh := s.sh
-	if sh.e.closed.Load() {
+	if s.e.closed.Load() {
 		return nil, closedError(op)
 	}
+	sh := &s.e.shards[s.shard]
 	sh.mu.Lock()
 	if s.dev.session != s {
 		sh.mu.Unlock()
