@@ -16,6 +16,8 @@ type shard struct {
 	// Counters for Stats, kept as records change so Stats never scans.
 	loggedIn, online, sessions, subscriptions, friendships int
 
+	deviceIDs [8]string // copies of device IDs used lately, shared by the devices that bear them: see deviceID
+
 	e       *Engine // to hash a record's ID again, and to tell whether it has a wheel entry pending
 	records bool    // changes produce Change records (the change feed is on)
 
@@ -179,6 +181,24 @@ func (u *user) deviceCount() int {
 		n++
 	}
 	return n
+}
+
+// deviceID returns the shard's copy of id for a new device. Most devices
+// bear one of a few IDs ("phone", "web"), so a device shares a recent
+// copy when there is one, instead of holding the same bytes again: a
+// million users' devices then keep a handful of copies, and a login
+// allocates nothing for its device ID. The table is direct-mapped and
+// never grows; an ID that is not there takes its slot, so IDs seen once
+// (per-install IDs, hostile ones) only churn it. Call with the lock held.
+func (sh *shard) deviceID(id string) string {
+	if id == "" {
+		return ""
+	}
+	slot := &sh.deviceIDs[(len(id)+int(id[0])+int(id[len(id)-1]))%len(sh.deviceIDs)]
+	if *slot != id {
+		*slot = cloneString(id)
+	}
+	return *slot
 }
 
 // online reports whether the device keeps its user Online.
