@@ -387,6 +387,15 @@ type restoring struct {
 	next    atomic.Int32   // the next shard to take in a pass (see eachShard)
 	err     error          // the first invalid record's: the restore has failed
 
+	// A batch of fewer than smallBatch records (a Store may hand them over
+	// one at a time) is restored by the calling goroutine alone, and each
+	// pass visits only the shards it touches, listed in few (marked in
+	// touched): goroutines and a visit to every shard would cost far more
+	// than the records themselves.
+	small   bool
+	few     []int
+	touched []bool
+
 	// Records and edges seen so far: their ratio predicts how many
 	// subscribers (friendOf) a target will have, so its set is made that
 	// big at once rather than grown step by step.
@@ -400,10 +409,14 @@ func (rs *restoring) add(batch []Record) error {
 	if rs.err != nil {
 		return rs.err
 	}
+	rs.small = len(batch) < smallBatch
 	rs.parallel(func(w int) {
 		n := len(rs.shares)
 		rs.shares[w].queue(rs.e, batch, len(batch)*w/n, len(batch)*(w+1)/n)
 	})
+	if rs.small {
+		rs.listTouched()
+	}
 	failed := len(batch) // the first invalid record
 	for w := range rs.shares {
 		if s := &rs.shares[w]; s.err != nil && s.failed < failed {
@@ -429,9 +442,46 @@ func (rs *restoring) add(batch []Record) error {
 	return nil
 }
 
+// smallBatch is the size under which a batch is restored without goroutines
+// (see restoring.small).
+const smallBatch = 64
+
+// listTouched lists in rs.few the shards that a small batch's records and
+// their edges' targets fall in.
+func (rs *restoring) listTouched() {
+	if rs.touched == nil {
+		rs.touched = make([]bool, len(rs.e.shards))
+	}
+	for _, s := range rs.few {
+		rs.touched[s] = false
+	}
+	rs.few = rs.few[:0]
+	note := func(hash uint64) {
+		if s := int(hash & rs.e.mask); !rs.touched[s] {
+			rs.touched[s] = true
+			rs.few = append(rs.few, s)
+		}
+	}
+	for w := range rs.shares {
+		for _, o := range rs.shares[w].owners {
+			note(o.key.hash)
+		}
+		for _, l := range rs.shares[w].links {
+			note(l.target.hash)
+		}
+	}
+}
+
 // parallel calls fn(w) for every goroutine w of the restore, each in a
-// goroutine of its own, and returns once all have returned.
+// goroutine of its own, and returns once all have returned; for a small
+// batch it makes the calls itself, one after another.
 func (rs *restoring) parallel(fn func(w int)) {
+	if rs.small {
+		for w := range rs.workers {
+			fn(w)
+		}
+		return
+	}
 	var wg sync.WaitGroup
 	for w := range rs.workers {
 		wg.Go(func() { fn(w) })
@@ -440,8 +490,18 @@ func (rs *restoring) parallel(fn func(w int)) {
 }
 
 // eachShard calls fn once for every shard s, with the shard locked, from
-// whichever goroutine takes s first.
+// whichever goroutine takes s first. For a small batch it calls fn itself,
+// for the shards the batch touches only: the others have nothing to do.
 func (rs *restoring) eachShard(fn func(r *restorer, s int)) {
+	if rs.small {
+		for _, s := range rs.few {
+			sh := &rs.e.shards[s]
+			sh.mu.Lock()
+			fn(&rs.workers[0], s)
+			sh.mu.Unlock()
+		}
+		return
+	}
 	rs.next.Store(0)
 	rs.parallel(func(w int) {
 		for {
