@@ -554,6 +554,7 @@ type share struct {
 	ownerOrder, ownerEnds []int32
 	linkOrder, linkEnds   []int32
 	grouped               []restoredLink
+	regionBits            int // of the grouping: indexRegionBits, or 0 for a small batch (see queue)
 
 	// The share's first invalid record, if any: its index in the batch,
 	// and what is wrong with it. The records after it are not queued.
@@ -565,19 +566,25 @@ type share struct {
 // order groupByShard gives: by region of the shard's restore index, and in
 // batch order within a region, so one user's records keep their order.
 func (s *share) ownerGroup(i int) []int32 {
-	begin, end := groupBounds(s.ownerEnds, i)
+	begin, end := groupBounds(s.ownerEnds, s.regionBits, i)
 	return s.ownerOrder[begin:end]
 }
 
 // linkGroup returns the part of s.grouped that links to shard i's users.
 func (s *share) linkGroup(i int) []restoredLink {
-	begin, end := groupBounds(s.linkEnds, i)
+	begin, end := groupBounds(s.linkEnds, s.regionBits, i)
 	return s.grouped[begin:end]
 }
 
 // queue checks and queues batch[from:to], up to the first invalid record,
-// and groups what it queued by shard.
+// and groups what it queued by shard. A small batch is grouped by shard
+// alone: ordering its few lookups by region gains nothing, and the
+// grouping's cost grows with the number of groups.
 func (s *share) queue(e *Engine, batch []Record, from, to int) {
+	s.regionBits = indexRegionBits
+	if len(batch) < smallBatch {
+		s.regionBits = 0
+	}
 	s.owners, s.links, s.subs, s.friends, s.err = s.owners[:0], s.links[:0], 0, 0, nil
 	for i := from; i < to; i++ {
 		if err := s.queueRecord(e, batch, i); err != nil {
@@ -585,8 +592,8 @@ func (s *share) queue(e *Engine, batch []Record, from, to int) {
 			break
 		}
 	}
-	s.ownerOrder, s.ownerEnds = groupByShard(e, len(s.owners), func(i int) uint64 { return s.owners[i].key.hash }, s.ownerOrder, s.ownerEnds)
-	s.linkOrder, s.linkEnds = groupByShard(e, len(s.links), func(i int) uint64 { return s.links[i].target.hash }, s.linkOrder, s.linkEnds)
+	s.ownerOrder, s.ownerEnds = groupByShard(e, s.regionBits, len(s.owners), func(i int) uint64 { return s.owners[i].key.hash }, s.ownerOrder, s.ownerEnds)
+	s.linkOrder, s.linkEnds = groupByShard(e, s.regionBits, len(s.links), func(i int) uint64 { return s.links[i].target.hash }, s.linkOrder, s.linkEnds)
 	// The links are copied in that order, so that linking reads them one
 	// after another: taken through linkOrder, the links of a batch, far
 	// bigger than the cache, would be one more miss each.
@@ -889,11 +896,12 @@ func recordError(rec *Record, format string, args ...any) error {
 // region of the shard's restore index where hash(i) is found (see
 // restoreIndex.slot): taken in that order, lookups that are near each other
 // in the index come one after another, and share its pages and cache lines.
-// It reuses order and ends; ends[s<<indexRegionBits|region] is where that
-// part of the order ends.
-func groupByShard(e *Engine, n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
-	bucket := func(h uint64) uint64 { return (h&e.mask)<<indexRegionBits | h>>(64-indexRegionBits) }
-	buckets := len(e.shards) << indexRegionBits
+// It reuses order and ends; ends[s<<bits|region] is where that part of the
+// order ends, with regions told apart by the top bits of the hash
+// (indexRegionBits of them, or none).
+func groupByShard(e *Engine, bits, n int, hash func(int) uint64, order, ends []int32) ([]int32, []int32) {
+	bucket := func(h uint64) uint64 { return (h&e.mask)<<bits | h>>(64-bits) }
+	buckets := len(e.shards) << bits
 	ends = slices.Grow(ends[:0], buckets)[:buckets]
 	clear(ends)
 	for i := range n {
@@ -914,12 +922,12 @@ func groupByShard(e *Engine, n int, hash func(int) uint64, order, ends []int32) 
 }
 
 // groupBounds returns where shard i's group begins and ends in an order
-// groupByShard made along with ends.
-func groupBounds(ends []int32, i int) (begin, end int32) {
+// groupByShard made along with ends, with the same bits.
+func groupBounds(ends []int32, bits, i int) (begin, end int32) {
 	if i > 0 {
-		begin = ends[i<<indexRegionBits-1]
+		begin = ends[i<<bits-1]
 	}
-	return begin, ends[(i+1)<<indexRegionBits-1]
+	return begin, ends[(i+1)<<bits-1]
 }
 
 // linkTargets finds or makes the record of every link to shard s's users,
