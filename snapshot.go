@@ -36,7 +36,9 @@ type Store interface {
 	// Load calls add with every record of the latest complete state, in
 	// batches, and returns the first error add returns. A Store with
 	// nothing saved yet calls add zero times and returns nil. A batch is
-	// valid only until add returns.
+	// valid only until add returns, and so are the strings in its records:
+	// they may point into a buffer the Store refills with the next batch.
+	// The engine copies every string it keeps.
 	Load(ctx context.Context, add func([]Record) error) error
 }
 

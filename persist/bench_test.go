@@ -144,15 +144,33 @@ func BenchmarkSnapshot(b *testing.B) {
 	benchLoad(b, path, st)
 }
 
-// benchLoad runs the Load sub-benchmark: New restoring the file at path.
-// The restored engine must hold want's edges and online users; with want
-// zero (a file made by an earlier run) it must hold some.
+// benchLoad runs the Read sub-benchmark, the Store's own part of a load:
+// Store.Load with an add that only counts the records, and the Load
+// sub-benchmark: New restoring the file at path. The restored engine must
+// hold want's edges and online users; with want zero (a file made by an
+// earlier run) it must hold some.
 func benchLoad(b *testing.B, path string, want presence.Stats) {
 	store, err := persist.Open(path, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer store.Close()
+	b.Run("Read", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			users := 0
+			err := store.Load(context.Background(), func(batch []presence.Record) error {
+				users += len(batch)
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if want.Users != 0 && users != want.Users || users == 0 {
+				b.Fatalf("read %d records, want %d", users, want.Users)
+			}
+		}
+	})
 	b.Run("Load", func(b *testing.B) {
 		for b.Loop() {
 			e, err := presence.New(benchConfig(store))

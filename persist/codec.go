@@ -64,10 +64,10 @@ func appendRecord(b []byte, r *presence.Record) []byte {
 var errTruncated = errors.New("record truncated")
 
 // decoder reads records from one chunk. The chunk is one string, and every
-// string a record holds is a slice of it: a chunk costs one allocation, not
-// one per ID. Every length and count is checked against the bytes that
-// remain before anything is allocated, so a corrupt chunk yields an error,
-// never a panic or a huge allocation.
+// string a record holds is a slice of it: decoding allocates nothing per ID.
+// Every length and count is checked against the bytes that remain before
+// anything is allocated, so a corrupt chunk yields an error, never a panic
+// or a huge allocation.
 type decoder struct {
 	s   string // what is left of the chunk
 	err error

@@ -36,9 +36,7 @@ func load(t *testing.T, s *persist.Store) []presence.Record {
 	var out []presence.Record
 	err := s.Load(context.Background(), func(batch []presence.Record) error {
 		for _, r := range batch {
-			r.Devices = slices.Clone(r.Devices)
-			r.Subscriptions = slices.Clone(r.Subscriptions)
-			r.Friends = slices.Clone(r.Friends)
+			r = cloneRecord(r)
 			slices.Sort(r.Friends)
 			out = append(out, r)
 		}
@@ -49,6 +47,28 @@ func load(t *testing.T, s *persist.Store) []presence.Record {
 	}
 	slices.SortFunc(out, func(a, b presence.Record) int { return strings.Compare(a.UserID, b.UserID) })
 	return out
+}
+
+// cloneRecord copies r and every string it holds: Load's strings are valid
+// only until add returns.
+func cloneRecord(r presence.Record) presence.Record {
+	r.UserID = strings.Clone(r.UserID)
+	r.Custom = strings.Clone(r.Custom)
+	r.Devices = slices.Clone(r.Devices)
+	for i := range r.Devices {
+		r.Devices[i].DeviceID = strings.Clone(r.Devices[i].DeviceID)
+	}
+	r.Subscriptions = cloneStrings(r.Subscriptions)
+	r.Friends = cloneStrings(r.Friends)
+	return r
+}
+
+func cloneStrings(list []string) []string {
+	list = slices.Clone(list)
+	for i := range list {
+		list[i] = strings.Clone(list[i])
+	}
+	return list
 }
 
 // randomState drives an engine through a random mix of the operations that
@@ -151,6 +171,63 @@ func TestRoundTrip(t *testing.T) {
 			}
 			t.Cleanup(func() { store.Close() })
 		})
+	}
+}
+
+// The engine copies every string it keeps from the records Load hands it:
+// Load refills the memory they point into with later chunks once add has
+// returned. The snapshot is big enough for the first batches' memory to be
+// refilled, with every user's ID, device and text distinct, so a string the
+// engine kept would now read another user's bytes.
+func TestRestoreCopiesLoadedStrings(t *testing.T) {
+	users := make([]string, 4*8192) // at least three of Load's batches
+	for i := range users {
+		users[i] = fmt.Sprintf("user-%d", i)
+	}
+	type view struct{ User, Custom, Device, Subscription string }
+	want := make([]view, len(users))
+	records := make([]presence.Record, len(users))
+	now := time.Now()
+	for i, u := range users {
+		want[i] = view{u, fmt.Sprintf("text of %d", i), fmt.Sprintf("device-%d", i), users[(i+1)%len(users)]}
+		records[i] = presence.Record{
+			UserID:        u,
+			Custom:        want[i].Custom,
+			Version:       uint64(i + 1),
+			Devices:       []presence.DeviceRecord{{DeviceID: want[i].Device, Connected: true, LoginAt: now, LastSeen: now}},
+			Subscriptions: []string{want[i].Subscription},
+		}
+	}
+	store := open(t, filepath.Join(t.TempDir(), "presence.db"))
+	defer store.Close()
+	err := store.Save(context.Background(), func(yield func([]presence.Record, error) bool) {
+		for batch := range slices.Chunk(records, 256) {
+			if !yield(batch, nil) {
+				return
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	e, err := presence.New(presence.Config{Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	got := make([]view, len(users))
+	for i, st := range e.QueryOnlineStatus(users) {
+		got[i] = view{User: st.UserID, Custom: st.Custom}
+		if len(st.Sessions) > 0 {
+			got[i].Device = st.Sessions[0].DeviceID
+		}
+		if subs := e.Subscriptions(users[i]); len(subs) > 0 {
+			got[i].Subscription = subs[0]
+		}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("restored users (-saved +restored):\n%s", diff)
 	}
 }
 
@@ -268,7 +345,7 @@ func TestCrashSafety(t *testing.T) {
 			for _, rec := range batch {
 				if strings.HasPrefix(rec.UserID, "user-") {
 					checked++
-					gens[rec.Custom]++
+					gens[strings.Clone(rec.Custom)]++ // the key outlives Load
 				}
 			}
 			return nil

@@ -20,6 +20,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/presencekit/presence"
 	bolt "go.etcd.io/bbolt"
@@ -419,9 +420,12 @@ func (s *Store) begin() (name []byte, err error) {
 }
 
 // Load streams the current snapshot to add, the records of a few chunks at
-// a time (see loadRecords). The strings in a chunk's records are slices of
-// one string holding the whole chunk: keeping any of them keeps the chunk in
-// memory. See presence.Store.
+// a time (see loadRecords). See presence.Store.
+//
+// The records' strings are not copies of their own: they point into a
+// buffer that holds the batch's chunks (see readChunk), which Load refills
+// with later chunks once add has returned. add must copy every string it
+// keeps; one kept anyway would change under it.
 //
 // Reading and decoding chunks overlap with adding the batch before: this
 // goroutine reads, checks and decodes the chunks, and a second one calls
@@ -443,9 +447,9 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 			return fmt.Errorf("persist: %s: current snapshot %q is missing", s.path, name)
 		}
 		decoded := make(chan loadedBatch, 1)
-		free := make(chan []presence.Record, 2) // batches add is done with
-		free <- nil
-		free <- nil
+		free := make(chan loadedBatch, 2) // batches add is done with, to be refilled
+		free <- loadedBatch{}
+		free <- loadedBatch{}
 		added := make(chan struct{}) // closed once the adding goroutine has returned
 		var loadErr error
 		var addPanic any // re-raised here, so that recoverInto reports it as before
@@ -467,7 +471,7 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 				if loadErr = batch.err; loadErr != nil {
 					return
 				}
-				free <- batch.records
+				free <- batch
 			}
 		}()
 		// Even a fault in the mapping must not return while add may still
@@ -480,23 +484,15 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 			for k != nil {
 				var batch loadedBatch
 				select {
-				case batch.records = <-free:
+				case batch = <-free:
 				case <-added: // adding stopped: add failed, or ctx ended
 					return
 				}
-				batch.records = batch.records[:0]
+				batch.records, batch.text = batch.records[:0], batch.text[:0]
 				for ; k != nil && len(batch.records) < loadRecords && batch.err == nil; k, v = c.Next() {
 					whole := len(batch.records) // records of the chunks before this one
-					switch {
-					case ctx.Err() != nil:
-						batch.err = ctx.Err()
-					case len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(v[crcBytes:], castagnoli):
-						batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
-					default:
-						batch.records, batch.err = decodeChunk(v[crcBytes:], batch.records)
-						if batch.err != nil {
-							batch.err = fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, batch.err)
-						}
+					if batch.err = ctx.Err(); batch.err == nil {
+						batch.err = s.readChunk(&batch, k, v)
 					}
 					if batch.err != nil {
 						batch.records = batch.records[:whole] // a chunk's records are added whole or not at all
@@ -524,7 +520,36 @@ func (s *Store) Load(ctx context.Context, add func([]presence.Record) error) (er
 // that ends the loading, passed in order to the goroutine that adds them.
 type loadedBatch struct {
 	records []presence.Record
+	text    []byte // the chunks' bytes, which the records' strings point into
 	err     error
+}
+
+// readChunk copies chunk v, under key k, to the end of batch's text, checks
+// it and decodes its records into batch.
+//
+// The copy goes into a buffer that the batch keeps from load to load, so a
+// load makes next to no garbage: copied into a string of its own, each
+// chunk would be garbage once restored, a third of a gigabyte for a million
+// users, made while the engine builds its largest heap. The bytes are
+// checked once copied: what is decoded is what was checked, and only this
+// goroutine, guarded against faults, reads the file's mapping.
+func (s *Store) readChunk(batch *loadedBatch, k, v []byte) error {
+	// A text that grows moves to a new array; the records decoded before
+	// keep the old one alive until add is done with them.
+	start := len(batch.text)
+	if len(v) >= crcBytes {
+		batch.text = append(batch.text, v[crcBytes:]...)
+	}
+	chunk := batch.text[start:]
+	if len(v) < crcBytes || binary.BigEndian.Uint32(v) != crc32.Checksum(chunk, castagnoli) {
+		return fmt.Errorf("persist: %s: chunk %x of the snapshot is corrupt (checksum mismatch)", s.path, k)
+	}
+	var err error
+	batch.records, err = decodeChunk(chunk, batch.records)
+	if err != nil {
+		return fmt.Errorf("persist: %s: chunk %x of the snapshot: %w", s.path, k, err)
+	}
+	return nil
 }
 
 // loadRecords is about how many records Load hands to add at a time: a
@@ -534,10 +559,10 @@ type loadedBatch struct {
 const loadRecords = 8192
 
 // decodeChunk decodes a chunk's records and appends them to batch, reusing
-// the slices of records decoded before into batch's spare room. It copies the chunk out of the file's mapping, valid only as long
-// as the transaction, into one string that the records' strings share.
+// the slices of records decoded before into batch's spare room. The records'
+// strings point into chunk, which must not change while they are in use.
 func decodeChunk(chunk []byte, batch []presence.Record) ([]presence.Record, error) {
-	d := decoder{s: string(chunk)}
+	d := decoder{s: unsafe.String(unsafe.SliceData(chunk), len(chunk))}
 	n := len(batch)
 	batch = batch[:cap(batch)] // every record decoded before, with its slices
 	for ; len(d.s) > 0; n++ {
