@@ -124,3 +124,34 @@ func batchedRecords(r *rand.Rand, n int) []Record {
 	r.Shuffle(len(records), func(i, j int) { records[i], records[j] = records[j], records[i] })
 	return records
 }
+
+// BenchmarkRestoreBatches restores 20 000 users, each with a device and a
+// subscription, from a Store that hands them over size records at a time.
+// A Store of its own may well hand them over one by one.
+//
+//	go test -run '^$' -bench RestoreBatches -benchtime 3x .
+func BenchmarkRestoreBatches(b *testing.B) {
+	const n = 20000
+	records := make([]Record, n)
+	for i := range records {
+		records[i] = Record{
+			UserID: fmt.Sprintf("user-%d", i), Version: 1,
+			Devices:       []DeviceRecord{{DeviceID: "phone"}},
+			Subscriptions: []string{fmt.Sprintf("user-%d", (i+1)%n)},
+		}
+	}
+	for _, size := range []int{1, 16, 8192} {
+		b.Run(fmt.Sprint("batch=", size), func(b *testing.B) {
+			for b.Loop() {
+				e, err := New(Config{StatusQuery: true, Store: inBatches{records, size}})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := e.Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/n, "ns/record")
+		})
+	}
+}
