@@ -6,6 +6,7 @@ import (
 	"iter"
 	"math/rand/v2"
 	"runtime"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -13,10 +14,11 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-// inBatches is a Store that hands its records to add size at a time.
+// inBatches is a Store that hands its records to add in batches of the
+// given sizes, taken in turn.
 type inBatches struct {
 	records []Record
-	size    int
+	sizes   []int
 }
 
 func (inBatches) Save(_ context.Context, records iter.Seq2[[]Record, error]) error {
@@ -29,46 +31,70 @@ func (inBatches) Save(_ context.Context, records iter.Seq2[[]Record, error]) err
 }
 
 func (b inBatches) Load(_ context.Context, add func([]Record) error) error {
-	for i := 0; i < len(b.records); i += b.size {
-		if err := add(b.records[i:min(i+b.size, len(b.records))]); err != nil {
+	for i, turn := 0, 0; i < len(b.records); turn++ {
+		end := min(i+b.sizes[turn%len(b.sizes)], len(b.records))
+		if err := add(b.records[i:end]); err != nil {
 			return err
 		}
+		i = end
 	}
 	return nil
 }
 
+// batchSizes are the ways TestRestoreIsTheSameInAnyBatches cuts the
+// records: one at a time (restored without goroutines, visiting only the
+// shards each batch touches), a few at a time, at the threshold, and
+// mixing small batches with large ones (shared out between goroutines).
+var batchSizes = [][]int{{1}, {3}, {63}, {64}, {100}, {100, 1, 3, 70}, {1, 63, 64, 2}}
+
 // A restore ends in the same state however the Store cuts the records into
-// batches: one at a time (restored without goroutines, visiting only the
-// shards each batch touches), a few at a time, or all at once (shared out
-// between goroutines).
+// batches; and with damaged records among them, it fails with the error of
+// the first, as restoring them in one batch does.
 func TestRestoreIsTheSameInAnyBatches(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
 	synctest.Test(t, func(t *testing.T) {
 		records := batchedRecords(rand.New(rand.NewPCG(7, 7)), 400)
 		cfg := Config{StatusQuery: true, NotifyFriends: true, Shards: 16}
-		var want dumpedEngine
-		for _, size := range []int{len(records), 1, 3, 63, 64, 100} {
-			cfg.Store = inBatches{records, size}
+		restore := func(sizes []int) (dumpedEngine, error) {
+			cfg.Store = inBatches{records, sizes}
 			e, err := New(cfg)
 			if err != nil {
-				t.Fatalf("batches of %d: %v", size, err)
+				return dumpedEngine{}, err
 			}
-			got := dumpEngine(e, nil)
+			defer e.Close()
 			if err := e.checkInvariants(); err != nil {
-				t.Errorf("batches of %d: %v", size, err)
+				t.Errorf("batches of %v: %v", sizes, err)
 			}
-			if err := e.Close(); err != nil {
-				t.Fatal(err)
-			}
-			if size == len(records) {
-				want = got
-				if len(want.Users) < len(records)/2 {
-					t.Fatalf("only %d users restored from %d records", len(want.Users), len(records))
-				}
-				continue
+			return dumpEngine(e, nil), nil
+		}
+		want, err := restore([]int{len(records)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(want.Users) < len(records)/2 {
+			t.Fatalf("only %d users restored from %d records", len(want.Users), len(records))
+		}
+		for _, sizes := range batchSizes {
+			got, err := restore(sizes)
+			if err != nil {
+				t.Fatalf("batches of %v: %v", sizes, err)
 			}
 			if diff := cmp.Diff(want, got); diff != "" {
-				t.Errorf("batches of %d differ from one batch (-one +batches):\n%s", size, diff)
+				t.Errorf("batches of %v differ from one batch (-one +batches):\n%s", sizes, diff)
+			}
+		}
+
+		// Damage two records: a repeated device, then (later) an edge to
+		// the user itself.
+		records[150].Devices = append(records[150].Devices, records[150].Devices...)
+		records[290].Subscriptions = append(records[290].Subscriptions, records[290].UserID)
+		_, wantErr := restore([]int{len(records)})
+		if wantErr == nil || !strings.Contains(wantErr.Error(), records[150].UserID) {
+			t.Fatalf("one batch with damaged records: %v, want an error about %s", wantErr, records[150].UserID)
+		}
+		for _, sizes := range batchSizes {
+			if _, err := restore(sizes); err == nil || err.Error() != wantErr.Error() {
+				t.Errorf("batches of %v: %v, want %v", sizes, err, wantErr)
 			}
 		}
 	})
@@ -143,7 +169,7 @@ func BenchmarkRestoreBatches(b *testing.B) {
 	for _, size := range []int{1, 16, 8192} {
 		b.Run(fmt.Sprint("batch=", size), func(b *testing.B) {
 			for b.Loop() {
-				e, err := New(Config{StatusQuery: true, Store: inBatches{records, size}})
+				e, err := New(Config{StatusQuery: true, Store: inBatches{records, []int{size}}})
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -600,7 +600,7 @@ func (e *Engine) Login(userID, deviceID string) (*Session, error) {
 		d.graceUntil = 0
 		u.unlinkDevice(d)
 	} else {
-		d = &device{id: sh.deviceID(deviceID)}
+		d = &device{id: sh.deviceIDLocked(deviceID)}
 	}
 	u.appendDevice(d) // newest login last
 	if max := e.cfg.MaxDevices; max > 0 {

@@ -739,9 +739,9 @@ func (r *restorer) restoreOwn(sh *shard, w int, o *restoredOwner, u *user, rec *
 	at := &u.devices // the record has no device yet: appended in order, oldest first
 	for _, dr := range devices {
 		// The Store's strings may be slices of a larger buffer: the record
-		// keeps copies (deviceID hands out the shard's).
+		// keeps copies (deviceIDLocked hands out the shard's).
 		d := r.devices.next()
-		d.id, d.loginAt, d.lastSeen = sh.deviceID(dr.DeviceID), dr.LoginAt.UnixNano(), dr.LastSeen.UnixNano()
+		d.id, d.loginAt, d.lastSeen = sh.deviceIDLocked(dr.DeviceID), dr.LoginAt.UnixNano(), dr.LastSeen.UnixNano()
 		if dr.Connected {
 			d.graceUntil, d.held = r.rs.now.Add(e.cfg.HeartbeatTimeout).UnixNano(), ReasonTimeout
 		}

@@ -8,7 +8,7 @@ import (
 
 // shard holds the user records whose IDs hash to it.
 type shard struct {
-	mu      sync.Mutex       // protects users, clash, version, the counters below and every record in them
+	mu      sync.Mutex       // protects users, clash, version, the counters and deviceIDs below, and every record in them
 	users   map[uint64]*user // hash of the user ID -> record
 	clash   map[string]*user // records whose hash another record already holds in users; nil while there are none
 	version uint64           // last version handed out here; records take theirs from it
@@ -16,7 +16,7 @@ type shard struct {
 	// Counters for Stats, kept as records change so Stats never scans.
 	loggedIn, online, sessions, subscriptions, friendships int
 
-	deviceIDs [8]string // copies of device IDs used lately, shared by the devices that bear them: see deviceID
+	deviceIDs [8]string // copies of device IDs used lately, shared by the devices that bear them: see deviceIDLocked
 
 	e       *Engine // to hash a record's ID again, and to tell whether it has a wheel entry pending
 	records bool    // changes produce Change records (the change feed is on)
@@ -183,14 +183,17 @@ func (u *user) deviceCount() int {
 	return n
 }
 
-// deviceID returns the shard's copy of id for a new device. Most devices
+// deviceIDLocked returns the shard's copy of id for a new device. Most devices
 // bear one of a few IDs ("phone", "web"), so a device shares a recent
 // copy when there is one, instead of holding the same bytes again: a
 // million users' devices then keep a handful of copies, and a login
 // allocates nothing for its device ID. The table is direct-mapped and
 // never grows; an ID that is not there takes its slot, so IDs seen once
-// (per-install IDs, hostile ones) only churn it. Call with the lock held.
-func (sh *shard) deviceID(id string) string {
+// (per-install IDs, hostile ones) only churn it. It keeps at most eight
+// IDs a shard alive after their devices are gone: a few hundred bytes
+// normally, at worst 8 × 64 KiB for IDs restored from a damaged Store.
+// Call with the lock held.
+func (sh *shard) deviceIDLocked(id string) string {
 	if id == "" {
 		return ""
 	}
