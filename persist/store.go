@@ -7,6 +7,10 @@
 // deletes the previous one. A crash at any moment therefore leaves the
 // previous snapshot current and intact; the half-written bucket is removed by
 // the next Save.
+//
+// Load hands out records whose strings share a buffer that it refills with
+// the next batch: a caller of Load other than the engine must copy any
+// string it keeps past its add function's return.
 package persist
 
 import (
