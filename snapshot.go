@@ -412,9 +412,13 @@ func (rs *restoring) add(batch []Record) error {
 		return rs.err
 	}
 	rs.small = len(batch) < smallBatch
+	bits := indexRegionBits
+	if rs.small {
+		bits = 0 // ordering a few lookups by region gains nothing, and the grouping's cost grows with the groups
+	}
 	rs.parallel(func(w int) {
 		n := len(rs.shares)
-		rs.shares[w].queue(rs.e, batch, len(batch)*w/n, len(batch)*(w+1)/n)
+		rs.shares[w].queue(rs.e, batch, len(batch)*w/n, len(batch)*(w+1)/n, bits)
 	})
 	if rs.small {
 		rs.listTouched()
@@ -556,7 +560,7 @@ type share struct {
 	ownerOrder, ownerEnds []int32
 	linkOrder, linkEnds   []int32
 	grouped               []restoredLink
-	regionBits            int // of the grouping: indexRegionBits, or 0 for a small batch (see queue)
+	regionBits            int // of the grouping: indexRegionBits, or 0 for a small batch (see restoring.add)
 
 	// The share's first invalid record, if any: its index in the batch,
 	// and what is wrong with it. The records after it are not queued.
@@ -579,14 +583,10 @@ func (s *share) linkGroup(i int) []restoredLink {
 }
 
 // queue checks and queues batch[from:to], up to the first invalid record,
-// and groups what it queued by shard. A small batch is grouped by shard
-// alone: ordering its few lookups by region gains nothing, and the
-// grouping's cost grows with the number of groups.
-func (s *share) queue(e *Engine, batch []Record, from, to int) {
-	s.regionBits = indexRegionBits
-	if len(batch) < smallBatch {
-		s.regionBits = 0
-	}
+// and groups what it queued by shard and, with regionBits above 0, by
+// region of the shard's restore index.
+func (s *share) queue(e *Engine, batch []Record, from, to, regionBits int) {
+	s.regionBits = regionBits
 	s.owners, s.links, s.subs, s.friends, s.err = s.owners[:0], s.links[:0], 0, 0, nil
 	for i := from; i < to; i++ {
 		if err := s.queueRecord(e, batch, i); err != nil {

@@ -777,10 +777,21 @@ func (e *Engine) nextDeadline(u *user) int64 {
 			earliest(d.lastSeen + int64(e.cfg.SessionExpiry))
 		}
 	}
-	if u.subCount() > 0 && u.status != Online {
-		earliest(u.edges.Load().idleSince + int64(e.cfg.SubscriptionTTL))
+	if ttl, ok := e.subscriptionsEnd(u); ok {
+		earliest(ttl)
 	}
 	return at
+}
+
+// subscriptionsEnd returns when u's subscription list runs out
+// (Config.SubscriptionTTL after its idleSince), and whether it is running
+// out at all: u has subscriptions and is not Online. Call with the shard
+// lock held.
+func (e *Engine) subscriptionsEnd(u *user) (int64, bool) {
+	if u.subCount() == 0 || u.status == Online {
+		return 0, false
+	}
+	return u.edges.Load().idleSince + int64(e.cfg.SubscriptionTTL), true
 }
 
 // expire is called by the wheel: it applies, one change at a time, whatever
@@ -796,8 +807,8 @@ func (u *user) expire(e *Engine, _ time.Time) {
 		now := e.now() // read under the lock, as in Login: a later change never carries an earlier time
 		c, ok := e.expireOneLocked(sh, u, now)
 		if !ok {
-			ttl := u.subCount() > 0 && u.status != Online &&
-				now.UnixNano() >= u.edges.Load().idleSince+int64(e.cfg.SubscriptionTTL)
+			end, running := e.subscriptionsEnd(u)
+			ttl := running && now.UnixNano() >= end
 			e.scheduleLocked(u)
 			sh.dropIfEmptyLocked(u) // kept only for its wheel entry, which this was
 			sh.mu.Unlock()

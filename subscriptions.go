@@ -158,8 +158,11 @@ func (e *Engine) UnsubscribeUserStatus(callerID string, userIDs []string) error 
 func (e *Engine) unsubscribeAll(sh *shard, k key, idle *time.Time) {
 	sh.mu.Lock()
 	a := sh.getLocked(k)
-	if a == nil || a.subCount() == 0 ||
-		(idle != nil && (a.status == Online || idle.UnixNano() < a.edges.Load().idleSince+int64(e.cfg.SubscriptionTTL))) {
+	if a == nil || a.subCount() == 0 {
+		sh.mu.Unlock()
+		return
+	}
+	if end, running := e.subscriptionsEnd(a); idle != nil && (!running || idle.UnixNano() < end) {
 		sh.mu.Unlock()
 		return
 	}
