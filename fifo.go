@@ -105,9 +105,14 @@ func (f *fifo[K, V]) putNew(k K, v V) {
 	}
 }
 
-// grow makes room for n more entries ahead of time.
+// grow makes room for n more entries ahead of time, counting recycled
+// nodes: a list filled by one call then takes as many nodes as it has
+// entries, where growing one append at a time would leave up to half of
+// them spare.
 func (f *fifo[K, V]) grow(n int) {
-	f.nodes = slices.Grow(f.nodes, n)
+	if n -= len(f.nodes) - int(f.n); n > 0 {
+		f.nodes = slices.Grow(f.nodes, n)
+	}
 }
 
 // popOldest removes and returns the oldest entry.

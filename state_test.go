@@ -50,3 +50,48 @@ func TestDevicesKeepOwnSharedIDs(t *testing.T) {
 		t.Fatalf("user-0's device is now %q, want phone", got)
 	}
 }
+
+// A subscription list takes the nodes the calls that filled it need: one
+// call of 20 on an empty list takes 20 (growing one append at a time would
+// have taken 32); the same 20 again, or repeats within a call, take none;
+// and fresh targets that evict old ones past MaxSubscriptions reuse the
+// evicted nodes.
+func TestSubscriptionListTakesTheNodesItNeeds(t *testing.T) {
+	e, err := New(Config{Shards: 1, StatusQuery: true, MaxSubscriptions: 30, SubscribeQuota: Quota{Calls: -1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	targets := func(from, n int) []string {
+		var ids []string
+		for i := range n {
+			ids = append(ids, fmt.Sprintf("target-%d", from+i))
+		}
+		return ids
+	}
+	subscribe := func(ids []string) (entries, nodes int) {
+		t.Helper()
+		if _, err := e.SubscribeUserStatus("caller", ids); err != nil {
+			t.Fatal(err)
+		}
+		sh, k := e.locate("caller")
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		list := &sh.getLocked(k).edges.Load().subs
+		return list.len(), cap(list.nodes)
+	}
+	if n, c := subscribe(targets(0, 20)); n != 20 || c != 20 {
+		t.Fatalf("one call of 20 on an empty list: %d entries in %d nodes, want 20 in 20", n, c)
+	}
+	for _, ids := range [][]string{targets(0, 20), append(targets(10, 5), targets(10, 5)...)} {
+		if n, c := subscribe(ids); n != 20 || c != 20 {
+			t.Fatalf("after %v, all subscribed already: %d entries in %d nodes, want 20 in 20", ids, n, c)
+		}
+	}
+	_, grown := subscribe(targets(20, 10)) // up to the limit: the list grows as append would
+	for _, ids := range [][]string{targets(30, 10), append(targets(0, 3), targets(40, 3)...)} {
+		if n, c := subscribe(ids); n != 30 || c != grown {
+			t.Fatalf("after %v, evicting as many: %d entries in %d nodes, want 30 in %d", ids, n, c, grown)
+		}
+	}
+}

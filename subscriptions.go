@@ -75,6 +75,13 @@ func (e *Engine) SubscribeUserStatus(callerID string, userIDs []string) (evicted
 	ed := a.edgesLocked()
 	list := &ed.subs
 	before := list.len()
+	fresh := 0
+	for _, tu := range seen {
+		if !list.has(tu) {
+			fresh++
+		}
+	}
+	list.grow(fresh)
 	for _, tu := range targets {
 		list.put(tu, struct{}{})
 	}
