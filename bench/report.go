@@ -344,7 +344,10 @@ func (r *report) printMemory(w io.Writer) {
 		if user.Items > 0 && second.Items > 0 {
 			alone = fmt.Sprintf("%.0f B", float64(user.Bytes)/float64(user.Items)-float64(second.Bytes)/float64(second.Items))
 		}
-		fmt.Fprintf(w, "  per user with one session %s, per further session %s, so about %s for the user alone; per edge (friend or subscription) %s\n",
+		// The difference understates the user alone: a further session
+		// also pays for its user's list of sessions, which a first session
+		// does not need.
+		fmt.Fprintf(w, "  per user with one session %s, per further session %s, so at least %s for the user alone; per edge (friend or subscription) %s\n",
 			user.perItem(), second.perItem(), alone, edges.perItem())
 	}
 	fmt.Fprintf(w, "  (the engine's memory only: the simulation's own model is allocated before the first measurement; user ID strings are\n"+
