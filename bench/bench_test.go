@@ -10,7 +10,7 @@ package main
 //
 //	SetSelfStatus, no watchers, 1 core  BenchmarkSetSelfStatusNoWatchers (x-map-floor, allocs/op; read the -cpu 1 line)
 //	fan-out cost per delivered event    BenchmarkFanOut (ns/event, events/s, x-chan-floor)
-//	GetUserStatus, 500 IDs              BenchmarkGetUserStatus500 (ns/id)
+//	GetUserStatus, 500 IDs              BenchmarkGetUserStatus500 (ns/id, x-read-floor/id)
 //	Login + Logout pair                 BenchmarkLoginLogout (pairs/s; read the -cpu 1 line)
 //	2 cores vs 1 core throughput        BenchmarkMixedParallel (ops/s; x-1cpu on the -cpu 2 line)
 //	memory, 1 M users                   BenchmarkMemory (B/idle-user, B/session, B/edge; -mem.users)
@@ -29,6 +29,12 @@ package main
 // same conditions on a machine that other work is using, and taking the
 // fastest run makes the ratio conservative: noise can only lower the floor,
 // never flatter the engine. The floor benchmarks print their own ns/op too.
+//
+// The GetUserStatus row has a third floor, because its figure at 100 000
+// users is mostly cache misses, which an update of 1024 hot keys never pays:
+// the read floor (bmMapFloor.read, BenchmarkFloorMapRead) reads the same
+// lists of IDs from a map floor holding as many users, measured around the
+// loop in the same way.
 //
 // BenchmarkMemory and BenchmarkIdleBookkeeping build a million users per
 // iteration; one iteration takes longer than any usual -benchtime, so they
@@ -122,6 +128,19 @@ func (f *bmMapFloor) set(k string, i int) {
 	sh.mu.Unlock()
 }
 
+// read is the read floor's op: the version of each of ids' records, with no
+// lock taken, since nothing writes the map while it is read. The least a
+// status store keyed by user ID does per ID of a list: hash it, find its
+// shard's map, compare the key (the map's own copy, as the engine keeps
+// its own copy of each ID) and read the record. Every ID must be there.
+func (f *bmMapFloor) read(ids []string) uint64 {
+	var sum uint64
+	for _, id := range ids {
+		sum += f.shards[maphash.String(f.seed, id)&255].m[id].version
+	}
+	return sum
+}
+
 // bmChanFloor is the channel-send floor: a non-blocking send (select with
 // default) on a buffered channel that never fills up. The floor proper
 // carries presence.Event values, what a channel-per-session design would
@@ -187,6 +206,28 @@ func BenchmarkFloorMapUpdateParallel(b *testing.B) {
 	})
 	bmReportScaling(b, "FloorMapUpdateParallel")
 }
+
+// BenchmarkFloorMapRead is the read floor on its own, at the two
+// populations of BenchmarkGetUserStatus500 and with the same lists of IDs.
+func BenchmarkFloorMapRead(b *testing.B) {
+	for _, users := range []int{1000, 100_000} {
+		b.Run(fmt.Sprintf("users=%d", users), func(b *testing.B) {
+			f := newMapFloorOf(users)
+			queries := bmQueries(users)
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				bmReadSink += f.read(queries[i%len(queries)])
+				i++
+			}
+			b.ReportMetric(bmNsPerOp(b)/float64(len(queries[0])), "ns/id")
+		})
+	}
+}
+
+// bmReadSink keeps the read floor's sums, so that the compiler cannot drop
+// the reads.
+var bmReadSink uint64
 
 func BenchmarkFloorChanSend(b *testing.B) {
 	b.Run("event", func(b *testing.B) { bmChanSend(b, bmEvent()) })
@@ -255,6 +296,20 @@ func bmFloors() (mapNs, chanNs float64) {
 func bmFloorsAgain(mapNs, chanNs float64) (float64, float64) {
 	m, c := bmFloors()
 	return min(mapNs, m), min(chanNs, c)
+}
+
+// bmReadFloor measures the read floor in ns per ID over queries, on a map
+// floor of users users, as bmFloors measures the others.
+func bmReadFloor(users int, queries [][]string) float64 {
+	f := newMapFloorOf(users)
+	perOp := bmFastest(func(n int) time.Duration {
+		start := time.Now()
+		for i := range n {
+			bmReadSink += f.read(queries[i%len(queries)])
+		}
+		return time.Since(start)
+	})
+	return perOp / float64(len(queries[0]))
 }
 
 // bmFastest calibrates n so that run(n) takes at least 10 ms, then returns
@@ -525,7 +580,8 @@ func bmFanOut(b *testing.B, subs int, mode string) {
 // the records stay in the CPU's cache and the figure is the code's cost;
 // with 100 000 (tens of MB of records, as in any real deployment) each ID
 // also pays for cache misses on the shard map and the record, and that is
-// the figure for the row.
+// the figure for the row. x-read-floor/id divides it by the read floor at
+// the same population, which pays those misses too.
 func BenchmarkGetUserStatus500(b *testing.B) {
 	for _, users := range []int{1000, 100_000} {
 		b.Run(fmt.Sprintf("users=%d", users), func(b *testing.B) { bmGetUserStatus(b, users, false) })
@@ -541,30 +597,24 @@ func BenchmarkAppendUserStatus500(b *testing.B) {
 }
 
 func bmGetUserStatus(b *testing.B, users int, reuse bool) {
-	const perCall, lists = 500, 256
 	e := bmNew(b, bmQueryConfig())
 	ids := bmIDs(users)
 	if _, err := bmLoginAll(e, ids); err != nil {
 		b.Fatal(err)
 	}
-	r := rand.New(rand.NewPCG(1, 2))
-	queries := make([][]string, lists)
-	for q := range queries {
-		queries[q] = make([]string, perCall)
-		for j := range queries[q] {
-			queries[q][j] = ids[r.IntN(users)]
-		}
-	}
+	queries := bmQueries(users)
+	perCall := len(queries[0])
 	mapNs, _ := bmFloors()
+	readNs := bmReadFloor(users, queries)
 	b.ReportAllocs()
 	i := 0
 	var out []presence.UserStatus
 	for b.Loop() {
 		var err error
 		if reuse {
-			out, err = e.AppendUserStatus(out[:0], "caller", queries[i%lists])
+			out, err = e.AppendUserStatus(out[:0], "caller", queries[i%len(queries)])
 		} else {
-			out, err = e.GetUserStatus("caller", queries[i%lists])
+			out, err = e.GetUserStatus("caller", queries[i%len(queries)])
 		}
 		if err != nil {
 			b.Fatal(err)
@@ -574,10 +624,30 @@ func bmGetUserStatus(b *testing.B, users int, reuse bool) {
 		}
 		i++
 	}
-	perID := bmNsPerOp(b) / perCall
+	perID := bmNsPerOp(b) / float64(perCall)
 	mapNs, _ = bmFloorsAgain(mapNs, math.Inf(1))
+	readNs = min(readNs, bmReadFloor(users, queries))
 	b.ReportMetric(perID, "ns/id")
 	b.ReportMetric(perID/mapNs, "x-map-floor/id")
+	b.ReportMetric(readNs, "read-floor-ns/id")
+	b.ReportMetric(perID/readNs, "x-read-floor/id")
+}
+
+// bmQueries returns the 256 lists of 500 IDs that the GetUserStatus
+// benchmarks and the read floor read, each ID picked at random among
+// bmIDs(users): the same lists on every call.
+func bmQueries(users int) [][]string {
+	const perCall, lists = 500, 256
+	ids := bmIDs(users)
+	r := rand.New(rand.NewPCG(1, 2))
+	queries := make([][]string, lists)
+	for q := range queries {
+		queries[q] = make([]string, perCall)
+		for j := range queries[q] {
+			queries[q][j] = ids[r.IntN(users)]
+		}
+	}
+	return queries
 }
 
 // BenchmarkLoginLogout is the row "Login + Logout pair >= 1 M pairs/s on 1
