@@ -134,9 +134,9 @@ func (f *bmMapFloor) set(k string, i int) {
 // is about the least any status store keyed by user ID does, so the floor
 // is lean on purpose: it has no shards (a shard's map holding a handful of
 // keys compares them one by one, which made a floor of 256 shards about
-// 3 x slower at 1000 users), no pointer to follow and no lock. Its keys are its own copies,
-// as the engine keeps its own copy of each ID, so no lookup is spared the
-// comparison by meeting the very string it stored.
+// 3 x slower at 1000 users), no pointer to follow and no lock. Its keys are
+// its own copies, as the engine keeps its own copy of each ID, so no lookup
+// is spared the comparison by meeting the very string it stored.
 type bmReadFloor struct {
 	m map[string]bmRecord
 }
